@@ -1,0 +1,13 @@
+// Python bindings of kdkernels._C: one entry per backend-protocol function
+// (see kdkernels/_ops.py for the contract each one follows).
+#include "kdkernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "kdkernels fused CPU kernels";
+  m.def("ofd_forward", &kdk::ofd_forward, "OFD: loss sum and scaled gradients in one pass");
+  m.def("ofd_none", &kdk::ofd_none, "OFD: elementwise loss (reduction='none')");
+  m.def("ofd_backward", &kdk::ofd_backward, "OFD: gradients for an elementwise upstream gradient");
+  m.def("nd_forward", &kdk::nd_forward, "ND: per-row loss and row-weighted gradients");
+  m.def("lsh_forward", &kdk::lsh_forward, "LSH: per-row loss and row-weighted gradients");
+  m.def("sp_forward", &kdk::sp_forward, "SP: per-row loss and row-weighted gradients of one layer pair");
+}

@@ -1,0 +1,62 @@
+// Declarations of the fused CPU kernels (one .cpp per loss) and shared helpers.
+#pragma once
+#include <torch/extension.h>
+
+#include <tuple>
+#include <type_traits>
+
+namespace kdk {
+
+using at::Tensor;
+using TensorPair = std::tuple<Tensor, Tensor>;
+using TensorTriple = std::tuple<Tensor, Tensor, Tensor>;
+
+// ---------------------------------------------------------------- shared helpers
+// Accumulation ("compute") type: double for double inputs, float for float,
+// float16 and bfloat16 (half types are loaded, upcast, and computed in float).
+template <typename T>
+using acc_t = std::conditional_t<std::is_same<T, double>::value, double, float>;
+
+inline at::ScalarType compute_scalar_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A frozen operand in dtype `dtype`, contiguous (no copy when it already is).
+inline Tensor contiguous_as(const Tensor& x, at::ScalarType dtype) {
+  return x.scalar_type() == dtype ? x.contiguous() : x.to(dtype).contiguous();
+}
+
+// A 2-D [rows, cols] operand whose rows are read with a row stride: unit column
+// stride is all the row kernels need, so only a transposed-like input is copied.
+inline Tensor unit_inner_stride(const Tensor& x) {
+  return (x.size(1) <= 1 || x.stride(1) == 1) ? x : x.contiguous();
+}
+
+// Output `out` (allocated like the input, as the fake kernels do) computed
+// through a buffer with unit inner stride when `out` lacks one; call
+// finish_output(out, work) after the kernel wrote `work`.
+inline Tensor row_major_work(const Tensor& out) {
+  return (out.size(1) <= 1 || out.stride(1) == 1) ? out : at::empty(out.sizes(), out.options());
+}
+inline void finish_output(Tensor& out, const Tensor& work) {
+  if (!work.is_same(out)) out.copy_(work);
+}
+
+// OFD (ofd.cpp)
+TensorTriple ofd_forward(const Tensor& s, const Tensor& t, const Tensor& margin, double grad_scale,
+                         bool need_grad_s, bool need_grad_t);
+Tensor ofd_none(const Tensor& s, const Tensor& t, const Tensor& margin);
+TensorPair ofd_backward(const Tensor& grad_d, const Tensor& s, const Tensor& t, const Tensor& margin,
+                        bool need_grad_s, bool need_grad_t);
+// ND (nd.cpp)
+TensorTriple nd_forward(const Tensor& s, const Tensor& t, const Tensor& centers, const Tensor& labels,
+                        const Tensor& row_weight, double eps, bool need_grad_s, bool need_grad_t);
+// LSH (lsh.cpp)
+TensorTriple lsh_forward(const Tensor& f_s, const c10::optional<Tensor>& f_t, const Tensor& weight,
+                         const c10::optional<Tensor>& bias, const c10::optional<Tensor>& teacher_codes,
+                         double mse_weight, const Tensor& row_weight, bool need_grad_s, bool need_grad_t);
+// SP (sp.cpp)
+TensorTriple sp_forward(const Tensor& q_s, const Tensor& q_t, double p, const Tensor& row_weight,
+                        bool need_grad_s, bool need_grad_t);
+
+}  // namespace kdk

@@ -1,0 +1,320 @@
+"""torch.library custom ops that run the fused kernels, with fake kernels and autograd.
+
+Every fused backend (``kdkernels._cpu`` for the C++ extension,
+``kdkernels.triton`` for Triton) provides the same functions, called only from
+here, after validation (kernels never validate):
+
+    ofd_forward(s, t, margin, grad_scale, need_grad_s, need_grad_t) -> (total, grad_s, grad_t)
+        total: 0-dim sum of d over every element, in the compute dtype;
+        grad_s/grad_t: grad_scale * dd/ds, dd/dt in the input's dtype and layout.
+    ofd_none(s, t, margin) -> d                          # [B, C, *], input dtype
+    ofd_backward(grad_d, s, t, margin, need_grad_s, need_grad_t) -> (grad_s, grad_t)
+    nd_forward(s, t, centers, labels, row_weight, eps, need_grad_s, need_grad_t) -> (rows, grad_s, grad_t)
+    lsh_forward(f_s, f_t, weight, bias, teacher_codes, mse_weight, row_weight,
+                need_grad_s, need_grad_t) -> (rows, grad_s, grad_t)
+    sp_forward(q_s, q_t, p, row_weight, need_grad_s, need_grad_t) -> (rows, grad_s, grad_t)
+
+Conventions: ``rows`` is the [B] per-row loss l_i in the compute dtype (float64
+for float64 inputs, else float32); grads are those of ``sum_i row_weight[i] * l_i``
+(``row_weight`` [B] contiguous, compute dtype); a gradient not asked for comes
+back as an empty tensor (numel 0). ``margin`` is [C] contiguous in the compute
+dtype, ``labels`` int64 and range-checked, ``bias``/``f_t``/``teacher_codes``
+may be None (f_t only when mse_weight == 0 and codes are given). Inputs may be
+strided; none is ever written.
+
+Reductions are applied here: the kernels see row weights (1/B for 'mean', the
+normalised mask for LSH, 1/b^2 for SP 'batchmean'), so the gradient is computed
+in the forward pass when the reduction gives a scalar, and the backward only
+scales it by grad_output. For 'none', the backward re-runs the kernel with the
+upstream per-row (or per-element) gradient as row weights.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _validate as V
+
+_EMPTY = ()
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def backend_impl(backend: str):
+    """The module holding the kernels of a fused backend."""
+    if backend == "cpu":
+        from . import _cpu
+
+        return _cpu
+    if backend == "triton":
+        from . import triton as triton_backend
+
+        return triton_backend
+    raise ValueError(f"backend: no fused kernels for {backend!r}")
+
+
+def _none_like(x: Tensor) -> Tensor:
+    return x.new_empty(0)
+
+
+def _grad_or_empty(x: Tensor, wanted: bool) -> Tensor:
+    return torch.empty_like(x) if wanted else x.new_empty(0)
+
+
+def scale_grad(grad: Tensor, grad_output: Tensor) -> Optional[Tensor]:
+    """grad (computed for a unit upstream gradient) * grad_output, skipping the
+    multiply in eager mode when grad_output is exactly 1 (the usual case)."""
+    if grad.numel() == 0:
+        return None
+    if type(grad_output) is torch.Tensor and not torch.compiler.is_compiling() and bool(grad_output == 1):
+        return grad
+    return grad * grad_output.to(grad.dtype)
+
+
+def _row_weight_for(reduction: str, batch: int, like: Tensor, mask: Optional[Tensor] = None,
+                    batchmean_div: Optional[float] = None) -> Tensor:
+    """[B] weights that turn per-row losses into the reduced loss."""
+    dtype = compute_dtype(like.dtype)
+    if mask is None:
+        w = torch.ones(batch, dtype=dtype, device=like.device)
+    else:
+        w = mask.to(dtype).contiguous()
+    if reduction == "mean":
+        if mask is None:
+            w = w / batch
+        else:
+            total = w.sum()
+            w = w / torch.where(total != 0, total, torch.ones_like(total))
+    elif reduction == "batchmean":
+        w = w / batchmean_div
+    return w
+
+
+# =========================================================================== OFD
+@torch.library.custom_op("kdkernels::ofd_fwd", mutates_args=())
+def ofd_fwd(s: Tensor, t: Tensor, margin: Tensor, reduction: str, backend: str,
+            need_grad_s: bool, need_grad_t: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    impl = backend_impl(backend)
+    m = margin.to(compute_dtype(s.dtype)).contiguous()
+    if reduction == "none":
+        return impl.ofd_none(s, t, m), _none_like(s), _none_like(t)
+    scale = {"batchmean": 1.0 / s.shape[0], "mean": 1.0 / s.numel(), "sum": 1.0}[reduction]
+    total, grad_s, grad_t = impl.ofd_forward(s, t, m, scale, need_grad_s, need_grad_t)
+    return (total * scale).to(s.dtype), grad_s, grad_t
+
+
+@ofd_fwd.register_fake
+def _(s, t, margin, reduction, backend, need_grad_s, need_grad_t):
+    if reduction == "none":
+        return torch.empty_like(s), _none_like(s), _none_like(t)
+    return s.new_empty(()), _grad_or_empty(s, need_grad_s), _grad_or_empty(t, need_grad_t)
+
+
+@torch.library.custom_op("kdkernels::ofd_bwd", mutates_args=())
+def ofd_bwd(grad_d: Tensor, s: Tensor, t: Tensor, margin: Tensor, backend: str,
+            need_grad_s: bool, need_grad_t: bool) -> Tuple[Tensor, Tensor]:
+    m = margin.to(compute_dtype(s.dtype)).contiguous()
+    return backend_impl(backend).ofd_backward(grad_d, s, t, m, need_grad_s, need_grad_t)
+
+
+@ofd_bwd.register_fake
+def _(grad_d, s, t, margin, backend, need_grad_s, need_grad_t):
+    return _grad_or_empty(s, need_grad_s), _grad_or_empty(t, need_grad_t)
+
+
+def ofd_setup_context(ctx, inputs, output):
+    s, t, margin, reduction, backend, need_grad_s, need_grad_t = inputs
+    ctx.reduction, ctx.backend, ctx.need = reduction, backend, (need_grad_s, need_grad_t)
+    ctx.save_for_backward(*((s, t, margin) if reduction == "none" else output[1:]))
+
+
+def ofd_backward(ctx, grad_loss, *_unused):
+    if ctx.reduction == "none":
+        s, t, margin = ctx.saved_tensors
+        grad_s, grad_t = ofd_bwd(grad_loss, s, t, margin, ctx.backend, *ctx.need)
+        grads = (grad_s if ctx.need[0] else None, grad_t if ctx.need[1] else None)
+    else:
+        grads = tuple(scale_grad(g, grad_loss) for g in ctx.saved_tensors)
+    return grads + (None,) * 5
+
+
+ofd_fwd.register_autograd(ofd_backward, setup_context=ofd_setup_context)
+
+
+# =========================================================================== row losses
+def _rows_backward(ctx, grad_loss, op_backward):
+    """Shared backward of the row losses (ND, LSH, SP)."""
+    if ctx.reduction == "none":
+        saved = ctx.saved_tensors
+        row_weight = grad_loss.to(compute_dtype(grad_loss.dtype))
+        if ctx.has_mask:
+            row_weight = row_weight * saved[-1].to(row_weight.dtype)
+        grad_a, grad_b = op_backward(row_weight.contiguous(), ctx)
+        return (grad_a if ctx.need[0] else None, grad_b if ctx.need[1] else None)
+    return tuple(scale_grad(g, grad_loss) for g in ctx.saved_tensors[:2])
+
+
+# --------------------------------------------------------------------------- ND
+@torch.library.custom_op("kdkernels::nd_fwd", mutates_args=())
+def nd_fwd(s: Tensor, t: Tensor, centers: Tensor, labels: Tensor, eps: float, reduction: str, backend: str,
+           need_grad_s: bool, need_grad_t: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    V.check_label_values("labels", labels, centers.shape[0])
+    grads = reduction != "none"
+    w = _row_weight_for(reduction, s.shape[0], s)
+    rows, grad_s, grad_t = backend_impl(backend).nd_forward(
+        s, t, centers, labels.long(), w, eps, need_grad_s and grads, need_grad_t and grads)
+    loss = rows if reduction == "none" else (rows * w).sum()
+    return loss.to(s.dtype), grad_s, grad_t
+
+
+@nd_fwd.register_fake
+def _(s, t, centers, labels, eps, reduction, backend, need_grad_s, need_grad_t):
+    if reduction == "none":
+        return s.new_empty(s.shape[0]), _none_like(s), _none_like(t)
+    return s.new_empty(()), _grad_or_empty(s, need_grad_s), _grad_or_empty(t, need_grad_t)
+
+
+@torch.library.custom_op("kdkernels::nd_bwd", mutates_args=())
+def nd_bwd(row_weight: Tensor, s: Tensor, t: Tensor, centers: Tensor, labels: Tensor, eps: float, backend: str,
+           need_grad_s: bool, need_grad_t: bool) -> Tuple[Tensor, Tensor]:
+    _, grad_s, grad_t = backend_impl(backend).nd_forward(
+        s, t, centers, labels.long(), row_weight, eps, need_grad_s, need_grad_t)
+    return grad_s, grad_t
+
+
+@nd_bwd.register_fake
+def _(row_weight, s, t, centers, labels, eps, backend, need_grad_s, need_grad_t):
+    return _grad_or_empty(s, need_grad_s), _grad_or_empty(t, need_grad_t)
+
+
+def nd_setup_context(ctx, inputs, output):
+    s, t, centers, labels, eps, reduction, backend, need_grad_s, need_grad_t = inputs
+    ctx.reduction, ctx.backend, ctx.need, ctx.eps, ctx.has_mask = reduction, backend, (need_grad_s, need_grad_t), eps, False
+    ctx.save_for_backward(*((s, t, centers, labels) if reduction == "none" else output[1:]))
+
+
+def nd_backward(ctx, grad_loss, *_unused):
+    def rerun(row_weight, ctx):
+        s, t, centers, labels = ctx.saved_tensors
+        return nd_bwd(row_weight, s, t, centers, labels, ctx.eps, ctx.backend, *ctx.need)
+
+    return _rows_backward(ctx, grad_loss, rerun) + (None,) * 7
+
+
+nd_fwd.register_autograd(nd_backward, setup_context=nd_setup_context)
+
+
+# --------------------------------------------------------------------------- LSH
+@torch.library.custom_op("kdkernels::lsh_fwd", mutates_args=())
+def lsh_fwd(f_s: Tensor, f_t: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
+            sample_mask: Optional[Tensor], teacher_codes: Optional[Tensor], mse_weight: float,
+            reduction: str, backend: str, need_grad_s: bool, need_grad_t: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    grads = reduction != "none"
+    w = _row_weight_for(reduction, f_s.shape[0], f_s, sample_mask)
+    rows, grad_s, grad_t = backend_impl(backend).lsh_forward(
+        f_s, f_t, weight, bias, teacher_codes, mse_weight, w, need_grad_s and grads, need_grad_t and grads)
+    if reduction == "none":
+        loss = rows if sample_mask is None else rows * sample_mask.to(rows.dtype)
+    else:
+        loss = (rows * w).sum()
+    empty_t = f_s.new_empty(0) if f_t is None else grad_t
+    return loss.to(f_s.dtype), grad_s, empty_t
+
+
+@lsh_fwd.register_fake
+def _(f_s, f_t, weight, bias, sample_mask, teacher_codes, mse_weight, reduction, backend, need_grad_s, need_grad_t):
+    if reduction == "none":
+        return f_s.new_empty(f_s.shape[0]), _none_like(f_s), _none_like(f_s)
+    grad_t = _grad_or_empty(f_t, need_grad_t) if f_t is not None else _none_like(f_s)
+    return f_s.new_empty(()), _grad_or_empty(f_s, need_grad_s), grad_t
+
+
+@torch.library.custom_op("kdkernels::lsh_bwd", mutates_args=())
+def lsh_bwd(row_weight: Tensor, f_s: Tensor, f_t: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
+            teacher_codes: Optional[Tensor], mse_weight: float, backend: str,
+            need_grad_s: bool, need_grad_t: bool) -> Tuple[Tensor, Tensor]:
+    _, grad_s, grad_t = backend_impl(backend).lsh_forward(
+        f_s, f_t, weight, bias, teacher_codes, mse_weight, row_weight, need_grad_s, need_grad_t)
+    return grad_s, (f_s.new_empty(0) if f_t is None else grad_t)
+
+
+@lsh_bwd.register_fake
+def _(row_weight, f_s, f_t, weight, bias, teacher_codes, mse_weight, backend, need_grad_s, need_grad_t):
+    grad_t = _grad_or_empty(f_t, need_grad_t) if f_t is not None else _none_like(f_s)
+    return _grad_or_empty(f_s, need_grad_s), grad_t
+
+
+def lsh_setup_context(ctx, inputs, output):
+    f_s, f_t, weight, bias, mask, codes, mse_weight, reduction, backend, need_grad_s, need_grad_t = inputs
+    ctx.reduction, ctx.backend, ctx.need = reduction, backend, (need_grad_s, need_grad_t)
+    ctx.mse_weight, ctx.has_mask = mse_weight, mask is not None
+    ctx.has = (f_t is not None, bias is not None, codes is not None)
+    if reduction == "none":
+        ctx.save_for_backward(f_s, f_t, weight, bias, codes, mask)
+    else:
+        ctx.save_for_backward(*output[1:])
+
+
+def lsh_backward(ctx, grad_loss, *_unused):
+    def rerun(row_weight, ctx):
+        f_s, f_t, weight, bias, codes, _mask = ctx.saved_tensors
+        return lsh_bwd(row_weight, f_s, f_t, weight, bias, codes, ctx.mse_weight, ctx.backend, *ctx.need)
+
+    grad_s, grad_t = _rows_backward(ctx, grad_loss, rerun)
+    return (grad_s, grad_t) + (None,) * 9
+
+
+lsh_fwd.register_autograd(lsh_backward, setup_context=lsh_setup_context)
+
+
+# --------------------------------------------------------------------------- SP
+@torch.library.custom_op("kdkernels::sp_fwd", mutates_args=())
+def sp_fwd(q_s: Tensor, q_t: Tensor, p: float, reduction: str, backend: str,
+           need_grad_s: bool, need_grad_t: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """One layer pair, already flattened: q_s [b, Ks], q_t [b, Kt]."""
+    b = q_s.shape[0]
+    grads = reduction != "none"
+    w = _row_weight_for(reduction, b, q_s, batchmean_div=float(b * b))
+    rows, grad_s, grad_t = backend_impl(backend).sp_forward(q_s, q_t, p, w, need_grad_s and grads, need_grad_t and grads)
+    loss = rows if reduction == "none" else (rows * w).sum()
+    return loss.to(q_s.dtype), grad_s, grad_t
+
+
+@sp_fwd.register_fake
+def _(q_s, q_t, p, reduction, backend, need_grad_s, need_grad_t):
+    if reduction == "none":
+        return q_s.new_empty(q_s.shape[0]), _none_like(q_s), _none_like(q_t)
+    return q_s.new_empty(()), _grad_or_empty(q_s, need_grad_s), _grad_or_empty(q_t, need_grad_t)
+
+
+@torch.library.custom_op("kdkernels::sp_bwd", mutates_args=())
+def sp_bwd(row_weight: Tensor, q_s: Tensor, q_t: Tensor, p: float, backend: str,
+           need_grad_s: bool, need_grad_t: bool) -> Tuple[Tensor, Tensor]:
+    _, grad_s, grad_t = backend_impl(backend).sp_forward(q_s, q_t, p, row_weight, need_grad_s, need_grad_t)
+    return grad_s, grad_t
+
+
+@sp_bwd.register_fake
+def _(row_weight, q_s, q_t, p, backend, need_grad_s, need_grad_t):
+    return _grad_or_empty(q_s, need_grad_s), _grad_or_empty(q_t, need_grad_t)
+
+
+def sp_setup_context(ctx, inputs, output):
+    q_s, q_t, p, reduction, backend, need_grad_s, need_grad_t = inputs
+    ctx.reduction, ctx.backend, ctx.need, ctx.p, ctx.has_mask = reduction, backend, (need_grad_s, need_grad_t), p, False
+    ctx.save_for_backward(*((q_s, q_t) if reduction == "none" else output[1:]))
+
+
+def sp_backward(ctx, grad_loss, *_unused):
+    def rerun(row_weight, ctx):
+        q_s, q_t = ctx.saved_tensors
+        return sp_bwd(row_weight, q_s, q_t, ctx.p, ctx.backend, *ctx.need)
+
+    return _rows_backward(ctx, grad_loss, rerun) + (None,) * 5
+
+
+sp_fwd.register_autograd(sp_backward, setup_context=sp_setup_context)

@@ -1,0 +1,230 @@
+"""The four losses as functions: validate, pick the backend, run the op.
+
+``backend``: 'auto' (the ``KDKERNELS_BACKEND`` environment variable if set,
+else Triton for CUDA tensors and the C++ kernels for CPU tensors), 'triton',
+'cpu' or 'reference'. A backend that cannot serve the tensors raises
+``ValueError``; nothing falls back silently.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import _ops
+from . import _validate as V
+from . import reference
+
+__all__ = ["lsh_loss", "lsh_codes", "nd_loss", "ofd_loss", "sp_loss"]
+
+
+def _wants_grad(x: Optional[Tensor]) -> bool:
+    return x is not None and x.requires_grad and torch.is_grad_enabled()
+
+
+# --------------------------------------------------------------------------- LSH
+def _check_lsh(f_s, f_t, weight, bias, mse_weight, sample_mask, teacher_codes, reduction, backend) -> Tuple[str, float]:
+    V.check_tensor("f_s", f_s, ndim=2)
+    V.check_nonempty("f_s", f_s)
+    V.check_tensor("weight", weight, ndim=2)
+    V.check_nonempty("weight", weight)
+    batch, dim = f_s.shape
+    if weight.shape[1] != dim:
+        raise ValueError(f"weight: expected shape (N, {dim}) (the width of f_s), got {tuple(weight.shape)}")
+    num_hashes = weight.shape[0]
+    mse_weight = V.check_scalar("mse_weight", mse_weight)
+    if f_t is None:
+        if teacher_codes is None:
+            raise ValueError("f_t: expected the teacher features (or teacher_codes), got None")
+        if mse_weight != 0.0:
+            raise ValueError(f"f_t: the MSE term (mse_weight={mse_weight}) needs the teacher features; "
+                             "pass f_t or mse_weight=0.0")
+    else:
+        V.check_tensor("f_t", f_t, ndim=2)
+        V.check_same_shape("f_t", f_t, "f_s", f_s)
+        V.check_same_dtype("f_t", f_t, "f_s", f_s)
+    if bias is not None:
+        V.check_tensor("bias", bias, ndim=1)
+        if bias.shape[0] != num_hashes:
+            raise ValueError(f"bias: expected shape ({num_hashes},) (one per row of weight), got {tuple(bias.shape)}")
+    if teacher_codes is not None:
+        V.check_tensor("teacher_codes", teacher_codes, ndim=2, dtypes=(torch.uint8,))
+        expected = (batch, (num_hashes + 7) // 8)
+        if tuple(teacher_codes.shape) != expected:
+            raise ValueError(f"teacher_codes: expected shape {expected} (rows of f_s, ceil(N/8) bytes), "
+                             f"got {tuple(teacher_codes.shape)}")
+    V.check_mask("sample_mask", sample_mask, batch)
+    V.check_frozen("weight", weight, "the LSH projection is a frozen random matrix")
+    V.check_frozen("bias", bias, "the LSH bias is frozen")
+    V.check_reduction(reduction, V.ROW_REDUCTIONS)
+    V.check_same_device([("f_s", f_s), ("f_t", f_t), ("weight", weight), ("bias", bias),
+                         ("sample_mask", sample_mask), ("teacher_codes", teacher_codes)])
+    return V.resolve_backend(backend, f_s.device), mse_weight
+
+
+def _frozen_in_dtype(x: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """The kernels read one dtype: frozen operands follow the student's."""
+    return None if x is None else x.to(dtype)
+
+
+def lsh_loss(f_s: Tensor, f_t: Optional[Tensor], weight: Tensor, bias: Optional[Tensor] = None, *,
+             mse_weight: float = 1.0, sample_mask: Optional[Tensor] = None, teacher_codes: Optional[Tensor] = None,
+             reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """LSH feature mimicking (LSHFM). f_s, f_t [B, D]; weight [N, D]; bias [N]; sample_mask [B].
+
+    l_i = mse_weight * mean_d (f_s - f_t)^2 + mean_j BCE-with-logits(f_s W^T + b, 1[f_t W^T + b > 0]).
+    'mean' divides by the number (or weight sum) of selected rows, 0 if none is
+    selected; 'sum'; 'none' -> [B]. ``teacher_codes`` (from :func:`lsh_codes`)
+    replace the teacher's bits; f_t may then be None with ``mse_weight=0``.
+    """
+    backend, mse_weight = _check_lsh(f_s, f_t, weight, bias, mse_weight, sample_mask, teacher_codes, reduction, backend)
+    if backend == "reference":
+        return reference.lsh_loss(f_s, f_t, weight, bias, mse_weight=mse_weight, sample_mask=sample_mask,
+                                  teacher_codes=teacher_codes, reduction=reduction)
+    weight, bias = _frozen_in_dtype(weight, f_s.dtype), _frozen_in_dtype(bias, f_s.dtype)
+    return _ops.lsh_fwd(f_s, f_t, weight, bias, sample_mask, teacher_codes, mse_weight, reduction, backend,
+                        _wants_grad(f_s), _wants_grad(f_t))[0]
+
+
+def lsh_codes(f_t: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Packed teacher hash bits: f_t [B, D], weight [N, D], bias [N] -> uint8 [B, ceil(N/8)]
+    (hash j is bit j % 8 of byte j // 8)."""
+    V.check_tensor("f_t", f_t, ndim=2)
+    V.check_tensor("weight", weight, ndim=2)
+    if weight.shape[1] != f_t.shape[1]:
+        raise ValueError(f"weight: expected shape (N, {f_t.shape[1]}) (the width of f_t), got {tuple(weight.shape)}")
+    if bias is not None:
+        V.check_tensor("bias", bias, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    V.check_same_device([("f_t", f_t), ("weight", weight), ("bias", bias)])
+    with torch.no_grad():
+        return reference.lsh_codes(f_t, weight, bias)
+
+
+# --------------------------------------------------------------------------- ND
+def _check_nd(s, t, centers, labels, eps, reduction, backend) -> Tuple[str, float]:
+    V.check_tensor("s", s, ndim=2)
+    V.check_nonempty("s", s)
+    V.check_tensor("t", t, ndim=2)
+    V.check_same_shape("t", t, "s", s)
+    V.check_same_dtype("t", t, "s", s)
+    V.check_tensor("centers", centers, ndim=2)
+    V.check_nonempty("centers", centers)
+    if centers.shape[1] != s.shape[1]:
+        raise ValueError(f"centers: expected shape (K, {s.shape[1]}) (the width of s), got {tuple(centers.shape)}")
+    V.check_labels_tensor("labels", labels, s.shape[0])
+    V.check_frozen("centers", centers, "the teacher class means are constants")
+    eps = V.check_scalar("eps", eps, positive=True)
+    V.check_reduction(reduction, V.ROW_REDUCTIONS)
+    V.check_same_device([("s", s), ("t", t), ("centers", centers), ("labels", labels)])
+    return V.resolve_backend(backend, s.device), eps
+
+
+def nd_loss(s: Tensor, t: Tensor, centers: Tensor, labels: Tensor, *, eps: float = 1e-12,
+            reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """Feature norm and direction loss. s, t [B, D]; centers [K, D] (teacher class means); labels [B].
+
+    l_i = 1 - <s_i, centers_{y_i} / ||centers_{y_i}||> / max(||t_i||, ||s_i||);
+    'mean', 'sum', 'none' -> [B].
+    """
+    backend, eps = _check_nd(s, t, centers, labels, eps, reduction, backend)
+    if backend == "reference":
+        if not torch.compiler.is_compiling():
+            V.check_label_values("labels", labels, centers.shape[0])
+        return reference.nd_loss(s, t, centers, labels, eps=eps, reduction=reduction)
+    return _ops.nd_fwd(s, t, _frozen_in_dtype(centers, s.dtype), labels, eps, reduction, backend, _wants_grad(s), _wants_grad(t))[0]
+
+
+# --------------------------------------------------------------------------- OFD
+def _check_ofd(s, t, margin, reduction, backend) -> str:
+    V.check_tensor("s", s, min_ndim=2)
+    V.check_nonempty("s", s)
+    V.check_tensor("t", t, min_ndim=2)
+    V.check_same_shape("t", t, "s", s)
+    V.check_same_dtype("t", t, "s", s)
+    V.check_tensor("margin", margin, ndim=1)
+    if margin.shape[0] != s.shape[1]:
+        raise ValueError(f"margin: expected shape ({s.shape[1]},) (channel dim 1 of s), got {tuple(margin.shape)}")
+    V.check_frozen("margin", margin, "the margin is a constant computed from the teacher's BN")
+    V.check_reduction(reduction, V.OFD_REDUCTIONS)
+    V.check_same_device([("s", s), ("t", t), ("margin", margin)])
+    return V.resolve_backend(backend, s.device)
+
+
+def ofd_loss(s: Tensor, t: Tensor, margin: Tensor, *, reduction: str = "batchmean", backend: str = "auto") -> Tensor:
+    """Partial L2 with margin ReLU (OFD). s (student connector output), t (teacher
+    pre-ReLU feature) [B, C, *]; margin [C].
+
+    d = (s - t')^2 * 1[s > t' or t' > 0] with t' = max(t, margin_c);
+    'batchmean' sum/B (published), 'sum', 'mean' sum/numel, 'none' -> d.
+    """
+    backend = _check_ofd(s, t, margin, reduction, backend)
+    if backend == "reference":
+        return reference.ofd_loss(s, t, margin, reduction=reduction)
+    return _ops.ofd_fwd(s, t, margin, reduction, backend, _wants_grad(s), _wants_grad(t))[0]
+
+
+# --------------------------------------------------------------------------- SP
+def _as_pairs(f_s, f_t) -> Tuple[List[Tensor], List[Tensor]]:
+    if isinstance(f_s, Tensor) != isinstance(f_t, Tensor):
+        raise TypeError("f_t: expected the same kind as f_s (both tensors or both sequences of tensors), "
+                        f"got {type(f_s).__name__} and {type(f_t).__name__}")
+    if isinstance(f_s, Tensor):
+        return [f_s], [f_t]
+    pairs_s, pairs_t = list(f_s), list(f_t)
+    if len(pairs_s) != len(pairs_t) or not pairs_s:
+        raise ValueError(f"f_t: expected as many layers as f_s (at least one), got {len(pairs_s)} and {len(pairs_t)}")
+    return pairs_s, pairs_t
+
+
+def _check_sp(pairs_s, pairs_t, p, reduction, global_batch, backend) -> str:
+    batch = None
+    for i, (a, b) in enumerate(zip(pairs_s, pairs_t)):
+        name_s, name_t = ("f_s", "f_t") if len(pairs_s) == 1 else (f"f_s[{i}]", f"f_t[{i}]")
+        V.check_tensor(name_s, a, min_ndim=1)
+        V.check_tensor(name_t, b, min_ndim=1)
+        V.check_nonempty(name_s, a)
+        V.check_nonempty(name_t, b)
+        batch = a.shape[0] if batch is None else batch
+        for name, x in ((name_s, a), (name_t, b)):
+            if x.shape[0] != batch:
+                raise ValueError(f"{name}: expected batch size {batch} (dim 0 of f_s), got shape {tuple(x.shape)}")
+        V.check_same_dtype(name_t, b, name_s, a)
+        V.check_same_device([(name_s, a), (name_t, b), ("f_s", pairs_s[0])])
+    if p not in (1, 2, 1.0, 2.0):
+        raise ValueError(f"p: expected 1 (L1 rows, torchdistill) or 2 (L2 rows, the paper), got {p!r}")
+    V.check_reduction(reduction, V.SP_REDUCTIONS)
+    return V.resolve_backend(backend, pairs_s[0].device)
+
+
+def sp_loss(f_s: Union[Tensor, Sequence[Tensor]], f_t: Union[Tensor, Sequence[Tensor]], *, p: float = 2.0,
+            reduction: str = "batchmean", global_batch: bool = False, group=None, backend: str = "auto") -> Tensor:
+    """Similarity-preserving loss. f_s [b, ...], f_t [b, ...] (widths may differ), or
+    equal-length sequences of such layer pairs, summed.
+
+    G = rows of Q Q^T normalised to unit p-norm (Q = f flattened to [b, K]);
+    'batchmean' ||G_t - G_s||_F^2 / b^2 (published), 'sum', 'none' -> [b] row sums.
+    ``global_batch=True`` builds the Gram matrices over the batch of every rank of
+    ``group`` (see :mod:`kdkernels.distributed`).
+    """
+    pairs_s, pairs_t = _as_pairs(f_s, f_t)
+    backend = _check_sp(pairs_s, pairs_t, p, reduction, global_batch, backend)
+    p = float(p)
+    if global_batch:
+        from .distributed import sp_loss_global
+
+        return sp_loss_global(pairs_s, pairs_t, p=p, reduction=reduction, group=group, backend=backend)
+    return _sp_local(pairs_s, pairs_t, p, reduction, backend)
+
+
+def _sp_local(pairs_s: List[Tensor], pairs_t: List[Tensor], p: float, reduction: str, backend: str) -> Tensor:
+    if backend == "reference":
+        return reference.sp_loss(pairs_s, pairs_t, p=p, reduction=reduction)
+    total = None
+    for a, b in zip(pairs_s, pairs_t):
+        q_s, q_t = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+        loss = _ops.sp_fwd(q_s, q_t, p, reduction, backend, _wants_grad(a), _wants_grad(b))[0]
+        total = loss if total is None else total + loss
+    return total
