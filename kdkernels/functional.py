@@ -7,16 +7,37 @@ else Triton for CUDA tensors and the C++ kernels for CPU tensors), 'triton',
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map
 
 from . import _ops
 from . import _validate as V
 from . import reference
 
 __all__ = ["lsh_loss", "lsh_codes", "nd_loss", "ofd_loss", "sp_loss"]
+
+
+def _float32_under_autocast(loss_fn):
+    """Under autocast the loss runs in float32 (as torch's own losses do): floating
+    inputs are cast to float32 (their gradients flow back in their own dtype) and
+    the loss comes back in float32."""
+
+    @functools.wraps(loss_fn)
+    def wrapper(*args, **kwargs):
+        tensors = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, Tensor)]
+        device_type = tensors[0].device.type if tensors else "cpu"
+        if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+            return loss_fn(*args, **kwargs)
+        to_float = lambda x: x.float() if isinstance(x, Tensor) and x.is_floating_point() else x  # noqa: E731
+        args, kwargs = tree_map(to_float, (args, kwargs))
+        with torch.autocast(device_type, enabled=False):
+            return loss_fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _wants_grad(x: Optional[Tensor]) -> bool:
@@ -68,6 +89,7 @@ def _frozen_in_dtype(x: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor
     return None if x is None else x.to(dtype)
 
 
+@_float32_under_autocast
 def lsh_loss(f_s: Tensor, f_t: Optional[Tensor], weight: Tensor, bias: Optional[Tensor] = None, *,
              mse_weight: float = 1.0, sample_mask: Optional[Tensor] = None, teacher_codes: Optional[Tensor] = None,
              reduction: str = "mean", backend: str = "auto") -> Tensor:
@@ -122,6 +144,7 @@ def _check_nd(s, t, centers, labels, eps, reduction, backend) -> Tuple[str, floa
     return V.resolve_backend(backend, s.device), eps
 
 
+@_float32_under_autocast
 def nd_loss(s: Tensor, t: Tensor, centers: Tensor, labels: Tensor, *, eps: float = 1e-12,
             reduction: str = "mean", backend: str = "auto") -> Tensor:
     """Feature norm and direction loss. s, t [B, D]; centers [K, D] (teacher class means); labels [B].
@@ -153,6 +176,7 @@ def _check_ofd(s, t, margin, reduction, backend) -> str:
     return V.resolve_backend(backend, s.device)
 
 
+@_float32_under_autocast
 def ofd_loss(s: Tensor, t: Tensor, margin: Tensor, *, reduction: str = "batchmean", backend: str = "auto") -> Tensor:
     """Partial L2 with margin ReLU (OFD). s (student connector output), t (teacher
     pre-ReLU feature) [B, C, *]; margin [C].
@@ -199,6 +223,7 @@ def _check_sp(pairs_s, pairs_t, p, reduction, global_batch, backend) -> str:
     return V.resolve_backend(backend, pairs_s[0].device)
 
 
+@_float32_under_autocast
 def sp_loss(f_s: Union[Tensor, Sequence[Tensor]], f_t: Union[Tensor, Sequence[Tensor]], *, p: float = 2.0,
             reduction: str = "batchmean", global_batch: bool = False, group=None, backend: str = "auto") -> Tensor:
     """Similarity-preserving loss. f_s [b, ...], f_t [b, ...] (widths may differ), or
