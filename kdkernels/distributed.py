@@ -112,6 +112,17 @@ def gather_rows_with_grad(x: Tensor, group=None, sizes: Optional[Sequence[int]] 
 
 
 # --------------------------------------------------------------------------- SP
+_DTYPE_CODES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _all_gather_ints(values: List[int], device: torch.device, group=None) -> List[List[int]]:
+    """A short list of ints from every rank (all ranks must give the same length)."""
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    return [t.tolist() for t in every]
+
+
 def sp_loss_global(pairs_s: List[Tensor], pairs_t: List[Tensor], *, p: float, reduction: str, group: Optional[object],
                    backend: str) -> Tensor:
     """SP loss with the Gram matrices over the batch of every rank of ``group``.
@@ -125,8 +136,9 @@ def sp_loss_global(pairs_s: List[Tensor], pairs_t: List[Tensor], *, p: float, re
     gradient given on that rank). See the module docstring for DDP's averaging
     (multiply by the world size to get the single-process gradient).
 
-    One size exchange plus one all_gather per dtype (all layers concatenated
-    along the feature dim), then the local SP op on ``backend``.
+    One exchange of sizes and widths plus one all_gather per dtype (all layers
+    concatenated along the feature dim; trainable and frozen tensors apart),
+    then the local SP op on ``backend``.
     """
     from .functional import _sp_local
 
@@ -134,27 +146,37 @@ def sp_loss_global(pairs_s: List[Tensor], pairs_t: List[Tensor], *, p: float, re
         return _sp_local(pairs_s, pairs_t, p, reduction, backend)
 
     flat = [x.reshape(x.shape[0], -1) for x in list(pairs_s) + list(pairs_t)]
-    batch, device = flat[0].shape[0], flat[0].device
-    widths = [q.shape[1] for q in flat]
-    # sizes and widths of every rank in one collective: [b_r, K_1, ..., K_2L]
-    world = dist.get_world_size(group)
-    meta = torch.tensor([batch] + widths, dtype=torch.int64, device=device)
-    metas = [torch.empty_like(meta) for _ in range(world)]
-    dist.all_gather(metas, meta, group=group)
-    for r, m in enumerate(metas):
-        if m[1:].tolist() != widths:
-            names = [f"f_s[{i}]" for i in range(len(pairs_s))] + [f"f_t[{i}]" for i in range(len(pairs_t))]
-            bad = next(i for i, (a, b) in enumerate(zip(m[1:].tolist(), widths)) if a != b)
-            raise ValueError(f"{names[bad]}: global_batch=True needs the same flattened width on every rank; "
-                             f"this rank has {widths[bad]}, rank {r} has {int(m[1 + bad])}")
-    sizes = [int(m[0]) for m in metas]
+    names = ["f_s", "f_t"] if len(pairs_s) == 1 else \
+        [f"f_s[{i}]" for i in range(len(pairs_s))] + [f"f_t[{i}]" for i in range(len(pairs_t))]
+    device, widths = flat[0].device, [q.shape[1] for q in flat]
+    # what every rank holds, so that a mismatch is a ValueError on every rank rather
+    # than a hang: first [b_r, number of tensors], then (width, dtype, requires_grad) per tensor
+    head = _all_gather_ints([flat[0].shape[0], len(flat)], device, group)
+    if len({h[1] for h in head}) != 1:
+        raise ValueError(f"f_s: global_batch=True needs the same number of layer pairs on every rank, "
+                         f"got {[h[1] // 2 for h in head]} (rank order)")
+    sizes = [h[0] for h in head]
+    mine = [[widths[i], _DTYPE_CODES.index(q.dtype), int(q.requires_grad)] for i, q in enumerate(flat)]
+    every = _all_gather_ints([v for m in mine for v in m], device, group)
+    for r, theirs in enumerate(every):
+        for i, name in enumerate(names):
+            width, code, grad = theirs[3 * i: 3 * i + 3]
+            if width != mine[i][0]:
+                raise ValueError(f"{name}: global_batch=True needs the same flattened width on every rank; "
+                                 f"this rank has {mine[i][0]}, rank {r} has {width}")
+            if code != mine[i][1] or grad != mine[i][2]:
+                raise ValueError(f"{name}: global_batch=True needs the same dtype and requires_grad on every rank; "
+                                 f"this rank has {flat[i].dtype}, requires_grad={bool(mine[i][2])}, rank {r} has "
+                                 f"{_DTYPE_CODES[code]}, requires_grad={bool(grad)}")
 
-    # one gather per dtype: concatenate the layers along dim 1, gather, split back
-    by_dtype: Dict[torch.dtype, List[int]] = {}
+    # one gather per (dtype, requires_grad): concatenate those layers along dim 1,
+    # gather, split back (kept apart by requires_grad so a frozen teacher stays
+    # frozen and the kernel computes no gradient for it)
+    groups: Dict[Tuple[torch.dtype, bool], List[int]] = {}
     for i, q in enumerate(flat):
-        by_dtype.setdefault(q.dtype, []).append(i)
+        groups.setdefault((q.dtype, q.requires_grad), []).append(i)
     gathered: List[Optional[Tensor]] = [None] * len(flat)
-    for idx in by_dtype.values():
+    for idx in groups.values():
         block = torch.cat([flat[i] for i in idx], dim=1) if len(idx) > 1 else flat[idx[0]]
         full = gather_rows_with_grad(block, group, sizes)
         offset = 0

@@ -74,7 +74,7 @@ class ClassMeans:
         if self.sums is None:
             self.sums = torch.zeros(self.num_classes, self.dim, dtype=torch.float64, device=features.device)
             self.counts = torch.zeros(self.num_classes, dtype=torch.float64, device=features.device)
-        labels = labels.to(self.sums.device)
+        labels = labels.to(self.sums.device, torch.int64)  # index_add_ takes int32/int64 only (uint8 labels are valid)
         self.sums.index_add_(0, labels, features.detach().to(self.sums.device, torch.float64))
         self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
         return self

@@ -9,14 +9,14 @@ REDUCTIONS = ["batchmean", "sum", "mean", "none"]
 SHAPES = [(1, 1, 1, 1), (3, 7, 9, 11), (5, 6), (4, 3, 10), (2, 3, 4, 3, 2)]
 
 
-def make_case(shape, reduction="batchmean", seed=0, layout=None):
+def make_case(shape, reduction="batchmean", seed=0, layout=None, ties=True):
     s = randn(*shape, seed=seed)
     t = randn(*shape, seed=seed + 1)
     margin = -randn(shape[1], seed=seed + 2).abs().float()
     # ties: t == margin, s == t' (where t' = t), t' == 0
     flat_t, flat_s = t.view(-1), s.view(-1)
     channel = (torch.arange(t.numel()) // int(np.prod(shape[2:], dtype=np.int64))) % shape[1]
-    if t.numel() >= 4:
+    if ties and t.numel() >= 4:
         flat_t[0] = margin[channel[0]].double()
         flat_t[1] = 0.0
         flat_s[2] = flat_t[2] = 0.7
@@ -99,7 +99,7 @@ def test_inputs_not_written(backend):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_gradcheck(backend, reduction):
-    check_gradcheck(make_case((2, 3, 2, 3), reduction, seed=5), backend)
+    check_gradcheck(make_case((2, 3, 2, 3), reduction, seed=5, ties=False), backend)  # smooth points only
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
