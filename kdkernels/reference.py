@@ -52,9 +52,10 @@ def unpack_lsh_codes(codes: torch.Tensor, num_hashes: int, dtype: torch.dtype) -
 
 
 def _teacher_bits(h_t: torch.Tensor) -> torch.Tensor:
-    """y = 1[h_t > 0] as float, but NaN where h_t is NaN (a NaN teacher is never a silent 0)."""
+    """y = 1[h_t > 0] as float, but NaN where h_t is NaN (a NaN teacher is never a silent 0).
+    Detached: y is piecewise constant in f_t, no gradient flows through it (not even where NaN)."""
     bits = (h_t > 0).to(h_t.dtype)
-    return torch.where(torch.isnan(h_t), h_t, bits)
+    return torch.where(torch.isnan(h_t), h_t.detach(), bits)
 
 
 def lsh_codes(f_t: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -132,7 +133,7 @@ def nd_loss(
     nt = torch.linalg.vector_norm(t_, dim=1)
     teacher_wins = (nt > ns) | torch.isnan(nt)
     den = torch.where(teacher_wins, nt, ns).clamp_min(eps)
-    rows = 1.0 - (s_ * e[labels]).sum(1) / den
+    rows = 1.0 - (s_ * e[labels.long()]).sum(1) / den  # long(): uint8 would index as a mask, int8/16 fail
     return _reduce_rows(rows, reduction).to(s.dtype)
 
 

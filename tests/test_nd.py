@@ -9,14 +9,13 @@ REDUCTIONS = ["mean", "sum", "none"]
 SHAPES = [(1, 1, 1), (1, 5, 3), (7, 13, 5), (33, 64, 10), (6, 300, 4)]  # (B, D, K)
 
 
-def make_case(batch, dim, classes, reduction="mean", seed=0, layout=None):
+def make_case(batch, dim, classes, reduction="mean", seed=0, layout=None, ties=True):
     s = randn(batch, dim, seed=seed)
     t = randn(batch, dim, seed=seed + 1, scale=1.3)
     centers = randn(classes, dim, seed=seed + 2).float() + 0.5
     labels = torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(seed))
-    if batch >= 3:
-        t[1] = s[1] * 1.0  # a tie: equal norms pick the student
-        t[2] = s[2].flip(0)  # equal norms again, other direction
+    if ties and batch >= 2:
+        t[1] = s[1] * 1.0  # an exact tie (same values, same summation order): the student norm wins
     if layout == "transposed":
         s, t = s.T.contiguous().T, t.T.contiguous().T
     elif layout == "sliced":
@@ -76,7 +75,7 @@ def test_strided_inputs(backend, poison, layout, reduction):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_gradcheck(backend, reduction):
-    check_gradcheck(make_case(4, 6, 3, reduction, seed=3), backend)
+    check_gradcheck(make_case(4, 6, 3, reduction, seed=3, ties=False), backend)  # smooth points only
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
