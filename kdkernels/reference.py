@@ -129,8 +129,10 @@ def nd_loss(
     dtype = _compute_dtype(s.dtype)
     s_, t_, c_ = s.to(dtype), t.to(dtype), centers.to(dtype)
     e = c_ / torch.linalg.vector_norm(c_, dim=1, keepdim=True).clamp_min(eps)  # [K, D]
-    ns = torch.linalg.vector_norm(s_, dim=1)
-    nt = torch.linalg.vector_norm(t_, dim=1)
+    # contiguous(): the norm of a strided row is summed in another order, which broke exact
+    # ties (t a copy of s) towards the teacher depending on the layout
+    ns = torch.linalg.vector_norm(s_.contiguous(), dim=1)
+    nt = torch.linalg.vector_norm(t_.contiguous(), dim=1)
     teacher_wins = (nt > ns) | torch.isnan(nt)
     den = torch.where(teacher_wins, nt, ns).clamp_min(eps)
     rows = 1.0 - (s_ * e[labels.long()]).sum(1) / den  # long(): uint8 would index as a mask, int8/16 fail
