@@ -1,11 +1,5 @@
 // Python bindings of kdkernels._C: one entry per backend-protocol function
 // (see kdkernels/_ops.py for the contract each one follows).
-// torch 2.13's headers use C++20 bit-field initialisers; under -std=c++17 gcc
-// warns inside them. setup.py should build with -std=c++20 (as torch itself is
-// built); until then keep our build output warning-free.
-#if __cplusplus < 202002L && defined(__GNUC__)
-#pragma GCC diagnostic ignored "-Wc++20-extensions"
-#endif
 #include <torch/extension.h>
 
 #include "kdkernels.h"

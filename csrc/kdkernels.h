@@ -1,11 +1,5 @@
 // Declarations of the fused CPU kernels (one .cpp per loss) and shared helpers.
 #pragma once
-// torch 2.13's headers use C++20 bit-field initialisers; under -std=c++17 gcc
-// warns inside them. setup.py should build with -std=c++20 (as torch itself is
-// built); until then keep our build output warning-free.
-#if __cplusplus < 202002L && defined(__GNUC__)
-#pragma GCC diagnostic ignored "-Wc++20-extensions"
-#endif
 // ATen only (no pybind11/autograd headers): the per-loss files compile faster;
 // bindings.cpp includes <torch/extension.h> itself.
 #include <ATen/ATen.h>

@@ -75,7 +75,7 @@ def self_check(backends: List[str], device: str) -> Tuple[List[List[str]], bool]
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 

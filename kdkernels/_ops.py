@@ -127,13 +127,16 @@ def _(grad_d, s, t, margin, backend, need_grad_s, need_grad_t):
 
 
 def ofd_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # the gradient outputs are never differentiated: no zeros
     s, t, margin, reduction, backend, need_grad_s, need_grad_t = inputs
     ctx.reduction, ctx.backend, ctx.need = reduction, backend, (need_grad_s, need_grad_t)
     ctx.save_for_backward(*((s, t, margin) if reduction == "none" else output[1:]))
 
 
 def ofd_backward(ctx, grad_loss, *_unused):
-    if ctx.reduction == "none":
+    if grad_loss is None:  # an undefined upstream gradient (grads are not materialised)
+        grads = (None, None)
+    elif ctx.reduction == "none":
         s, t, margin = ctx.saved_tensors
         grad_s, grad_t = ofd_bwd(grad_loss, s, t, margin, ctx.backend, *ctx.need)
         grads = (grad_s if ctx.need[0] else None, grad_t if ctx.need[1] else None)
@@ -148,6 +151,8 @@ ofd_fwd.register_autograd(ofd_backward, setup_context=ofd_setup_context)
 # =========================================================================== row losses
 def _rows_backward(ctx, grad_loss, op_backward):
     """Shared backward of the row losses (ND, LSH, SP)."""
+    if grad_loss is None:  # an undefined upstream gradient (grads are not materialised)
+        return (None, None)
     if ctx.reduction == "none":
         saved = ctx.saved_tensors
         row_weight = grad_loss.to(compute_dtype(grad_loss.dtype))
@@ -192,6 +197,7 @@ def _(row_weight, s, t, centers, labels, eps, backend, need_grad_s, need_grad_t)
 
 
 def nd_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # the gradient outputs are never differentiated: no zeros
     s, t, centers, labels, eps, reduction, backend, need_grad_s, need_grad_t = inputs
     ctx.reduction, ctx.backend, ctx.need, ctx.eps, ctx.has_mask = reduction, backend, (need_grad_s, need_grad_t), eps, False
     ctx.save_for_backward(*((s, t, centers, labels) if reduction == "none" else output[1:]))
@@ -249,6 +255,7 @@ def _(row_weight, f_s, f_t, weight, bias, teacher_codes, mse_weight, backend, ne
 
 
 def lsh_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # the gradient outputs are never differentiated: no zeros
     f_s, f_t, weight, bias, mask, codes, mse_weight, reduction, backend, need_grad_s, need_grad_t = inputs
     ctx.reduction, ctx.backend, ctx.need = reduction, backend, (need_grad_s, need_grad_t)
     ctx.mse_weight, ctx.has_mask = mse_weight, mask is not None
@@ -304,6 +311,7 @@ def _(row_weight, q_s, q_t, p, backend, need_grad_s, need_grad_t):
 
 
 def sp_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # the gradient outputs are never differentiated: no zeros
     q_s, q_t, p, reduction, backend, need_grad_s, need_grad_t = inputs
     ctx.reduction, ctx.backend, ctx.need, ctx.p, ctx.has_mask = reduction, backend, (need_grad_s, need_grad_t), p, False
     ctx.save_for_backward(*((q_s, q_t) if reduction == "none" else output[1:]))

@@ -54,7 +54,7 @@ def sp_gram_fwd_kernel(q_ptr, pairs_ptr, a_ptr, b, K, stride_q, k_per_split,
     pairs_ptr: [n_pairs, 2] int32 tile coordinates (i, j), i <= j
     a_ptr:     [splits, b, b] partial Gram matrices, compute dtype
     """
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     pid_k = tl.program_id(1).to(tl.int64)
     ti = tl.load(pairs_ptr + 2 * pid).to(tl.int64)
     tj = tl.load(pairs_ptr + 2 * pid + 1).to(tl.int64)
