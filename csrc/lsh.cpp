@@ -29,6 +29,32 @@ namespace {
 constexpr int kLanes = 16;
 
 // ---------------------------------------------------------------- float math
+// The Cephes polynomials, shared by the scalar (float) and vector (vf8) forms below.
+template <class T>
+C10_ALWAYS_INLINE T exp_poly(T r, T r2) {  // exp(r) for |r| <= ln(2)/2
+  T p = T{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return p * r2 + r + 1.0f;
+}
+
+template <class T>
+C10_ALWAYS_INLINE T log_poly(T f, T z) {  // log(1 + f) - f + z/2 for f in [sqrt(2)/2 - 1, sqrt(2) - 1], z = f^2
+  T y = T{} + 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  return y * f * z;
+}
+
 // exp(x) for x <= 0 (or NaN), written so gcc vectorises it (Cephes expf:
 // Cody-Waite reduction + degree-6 polynomial, ~1 ulp); 0 below -88.
 C10_ALWAYS_INLINE float exp_nonpos(float x) {
@@ -37,13 +63,7 @@ C10_ALWAYS_INLINE float exp_nonpos(float x) {
   n = n != n ? 0.0f : n;  // NaN: keep the conversion below defined; the result is NaN from xc
   const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
   const float r2 = r * r;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r2 + r + 1.0f;
+  const float p = exp_poly(r, r2);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // n in [-127, 0]
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
@@ -60,16 +80,7 @@ C10_ALWAYS_INLINE float log1p_unit(float e) {
   const float k = big ? 1.0f : 0.0f;
   const float f = m - 1.0f;
   const float z = f * f;
-  float y = 7.0376836292e-2f;
-  y = y * f - 1.1514610310e-1f;
-  y = y * f + 1.1676998740e-1f;
-  y = y * f - 1.2420140846e-1f;
-  y = y * f + 1.4249322787e-1f;
-  y = y * f - 1.6668057665e-1f;
-  y = y * f + 2.0000714765e-1f;
-  y = y * f - 2.4999993993e-1f;
-  y = y * f + 3.3333331174e-1f;
-  y = y * f * z;
+  float y = log_poly(f, z);
   y += -2.12194440e-4f * k;
   y += -0.5f * z;
   const float lg = f + y + 0.693359375f * k;
@@ -104,13 +115,7 @@ C10_ALWAYS_INLINE vf8 exp_nonpos_v(vf8 x) {
   n = (n != n) ? vsplat(0.0f) : n;
   const vf8 r = xc - n * 0.693359375f + n * 2.12194440e-4f;
   const vf8 r2 = r * r;
-  vf8 p = vsplat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r2 + r + 1.0f;
+  const vf8 p = exp_poly(r, r2);
   const vi8 bits = (__builtin_convertvector(n, vi8) + 127) << 23;
   const vf8 scale = (vf8)bits;  // a vector cast reinterprets the bits
   return under ? vsplat(0.0f) : p * scale;
@@ -123,16 +128,7 @@ C10_ALWAYS_INLINE vf8 log1p_unit_v(vf8 e) {
   const vf8 k = big ? vsplat(1.0f) : vsplat(0.0f);
   const vf8 f = m - 1.0f;
   const vf8 z = f * f;
-  vf8 y = vsplat(7.0376836292e-2f);
-  y = y * f - 1.1514610310e-1f;
-  y = y * f + 1.1676998740e-1f;
-  y = y * f - 1.2420140846e-1f;
-  y = y * f + 1.4249322787e-1f;
-  y = y * f - 1.6668057665e-1f;
-  y = y * f + 2.0000714765e-1f;
-  y = y * f - 2.4999993993e-1f;
-  y = y * f + 3.3333331174e-1f;
-  y = y * f * z;
+  vf8 y = log_poly(f, z);
   y += -2.12194440e-4f * k;
   y += -0.5f * z;
   const vf8 lg = f + y + 0.693359375f * k;

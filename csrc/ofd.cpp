@@ -136,9 +136,13 @@ double ofd_dense(const T* s, const T* t, const T* g, T* os, T* ot, const acc_t<T
 
 // x in the strides of `layout` (a dense tensor of the same shape), copying only
 // when its strides differ.
+Tensor alloc_in_layout(const Tensor& layout, const at::TensorOptions& options) {
+  return at::empty_strided(layout.sizes(), layout.strides(), options);
+}
+
 Tensor in_layout(const Tensor& x, const Tensor& layout) {
   if (x.strides() == layout.strides()) return x;
-  Tensor y = at::empty_like(layout, x.options());
+  Tensor y = alloc_in_layout(layout, x.options());
   y.copy_(x);
   return y;
 }
@@ -155,13 +159,13 @@ std::pair<Tensor, Tensor> grad_output(const Tensor& x, const Tensor& layout, boo
     advise_huge_pages(out);
     return {out, out};
   }
-  Tensor work = at::empty_like(layout);
+  Tensor work = alloc_in_layout(layout, x.options());
   advise_huge_pages(work);
   return {out, work};
 }
 
 struct OfdLayout {
-  Tensor layout;  // dense, shape of s, strides of empty_like(s)
+  Tensor layout;  // a meta tensor (no memory): shape of s, strides of empty_like(s)
   int64_t C;
   int64_t stride_c;
 };
@@ -171,7 +175,10 @@ OfdLayout ofd_layout(const Tensor& s, const Tensor& margin) {
   TORCH_CHECK(margin.is_contiguous() && margin.numel() == s.size(1) &&
                   margin.scalar_type() == compute_scalar_type(s.scalar_type()),
               "kdkernels ofd: margin must be contiguous [C] in the compute dtype");
-  Tensor layout = at::empty_like(s);
+  // A meta tensor: the strides empty_like(s) gives, without allocating (an
+  // untouched buffer per call would also make glibc hand the outputs fresh,
+  // page-faulting memory).
+  Tensor layout = at::empty_like(s, s.options().device(at::kMeta));
   TORCH_CHECK(layout.is_non_overlapping_and_dense(), "kdkernels ofd: empty_like(s) is not dense");
   return {layout, s.size(1), std::max<int64_t>(layout.stride(1), 1)};
 }
@@ -218,7 +225,7 @@ TensorTriple ofd_forward(const Tensor& s, const Tensor& t, const Tensor& margin,
 Tensor ofd_none(const Tensor& s, const Tensor& t, const Tensor& margin) {
   TORCH_CHECK(s.sizes() == t.sizes() && s.scalar_type() == t.scalar_type(), "kdkernels ofd: s/t mismatch");
   const OfdLayout L = ofd_layout(s, margin);
-  Tensor d = L.layout;  // empty_like(s): the output itself
+  Tensor d = alloc_in_layout(L.layout, s.options());  // empty_like(s)
   advise_huge_pages(d);
   const Tensor s_l = in_layout(s, L.layout);
   const Tensor t_l = in_layout(t, L.layout);

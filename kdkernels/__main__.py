@@ -50,10 +50,12 @@ def _cases(device: str, small: bool) -> Dict[str, Tuple[Callable, list, dict]]:
     }
 
 
-def _run(fn, args, kwargs, backend, dtype):
-    args = [a.to(dtype).requires_grad_(i < 2) if a.is_floating_point() else a for i, a in enumerate(args)]
+def _run(fn, args, kwargs, backend, dtype, teacher_grad=True):
+    """loss and gradients of student (and teacher) inputs, the first two args."""
+    n_grad = 2 if teacher_grad else 1
+    args = [a.to(dtype).requires_grad_(i < n_grad) if a.is_floating_point() else a for i, a in enumerate(args)]
     loss = fn(*args, backend=backend, **kwargs)
-    grads = torch.autograd.grad(loss, args[:2])
+    grads = torch.autograd.grad(loss, args[:n_grad])
     return loss.detach(), grads
 
 
@@ -85,11 +87,12 @@ def timing(backends: List[str], device: str, repeats: int = 5) -> List[List[str]
         times: Dict[str, Optional[float]] = {}
         for backend in backends:
             try:
-                _run(fn, args, kwargs, backend, torch.float32)  # warm-up
+                # timed as in training: gradient for the student only (teacher detached)
+                _run(fn, args, kwargs, backend, torch.float32, teacher_grad=False)  # warm-up
                 samples = []
                 for _ in range(repeats):
                     start = time.perf_counter()
-                    _run(fn, args, kwargs, backend, torch.float32)
+                    _run(fn, args, kwargs, backend, torch.float32, teacher_grad=False)
                     samples.append(time.perf_counter() - start)
                 times[backend] = sorted(samples)[len(samples) // 2]
             except NotImplementedError:
@@ -122,6 +125,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and "TRITON_INTERPRET" not in os.environ and "triton" not in sys.modules:
+        # no GPU: the Triton kernels are still checked, on CPU tensors, by Triton's interpreter
+        # (read when triton is first imported, which kdkernels does lazily)
+        os.environ["TRITON_INTERPRET"] = "1"
     print(f"kdkernels {kdk.__version__}, torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
     backends = available_backends()
     print("\nBackends:")
