@@ -37,7 +37,6 @@ from torch import Tensor
 
 from . import _validate as V
 
-_EMPTY = ()
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

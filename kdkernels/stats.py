@@ -133,7 +133,7 @@ def lsh_bias_from_teacher(weight: torch.Tensor, features_iterable: Iterable[torc
     found by an exact radix select that exchanges only histograms
     (:func:`kdkernels.distributed.column_lower_median`).
     """
-    from .distributed import all_reduce_sum, column_lower_median, is_active
+    from .distributed import column_lower_median, is_active
 
     V.check_tensor("weight", weight, ndim=2)
     V.check_nonempty("weight", weight)

@@ -34,7 +34,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from typing import Dict, List, Optional  # noqa: E402
 
 ARCHS = (80, 90)
@@ -78,7 +78,6 @@ def _cdtype(dtype: str) -> str:
 
 
 def _jobs(dtypes) -> List[Job]:
-    import torch
 
     from . import lsh, nd, ofd, sp
 
