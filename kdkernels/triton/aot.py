@@ -21,9 +21,11 @@ from __future__ import annotations
 import os
 
 # The interpreter replaces @triton.jit functions by Python ones, which cannot be
-# compiled; this module always compiles for real (it needs no GPU).
-os.environ.pop("TRITON_INTERPRET", None)
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# compiled; run as a program, this module always compiles for real (it needs no
+# GPU). Imported as a library (e.g. by tests), it leaves the environment alone.
+if __name__ in ("__main__", "__mp_main__"):
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
