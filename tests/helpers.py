@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import os
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
@@ -94,3 +95,16 @@ def check_gradcheck(case: Case, backend: str):
 def randn(*shape, seed=0, dtype=torch.float64, scale=1.0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=gen, dtype=dtype) * scale
+
+
+def triton_sp_ready() -> bool:
+    """Whether the Triton SP kernel can run here (CUDA, or CPU under the interpreter)."""
+    import kdkernels as kdk
+
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available():
+        return False
+    try:
+        kdk.sp_loss(torch.randn(2, 3), torch.randn(2, 3), backend="triton")
+        return True
+    except Exception:  # triton missing
+        return False

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import kdkernels as kdk
+from helpers import triton_sp_ready
 from kdkernels import distributed as kd_dist
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -95,19 +96,9 @@ def _sp_global_worker(rank, world, backend, sizes):
                                                msg=what)
 
 
-def _triton_sp_ready() -> bool:
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available():
-        return False
-    try:
-        kdk.sp_loss(torch.randn(2, 3), torch.randn(2, 3), backend="triton")
-        return True
-    except Exception:  # triton missing, or its SP kernel not there yet
-        return False
-
-
 # Triton on CPU tensors under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1; the
 # spawned ranks inherit it): the fused op on the gathered (strided) tensors
-TRITON_SP = pytest.param("triton", marks=pytest.mark.skipif(not _triton_sp_ready(),
+TRITON_SP = pytest.param("triton", marks=pytest.mark.skipif(not triton_sp_ready(),
                                                              reason="Triton SP cannot run here"))
 
 

@@ -17,6 +17,7 @@ import torch
 from torch.nn.functional import normalize
 
 import kdkernels as kdk
+from helpers import triton_sp_ready
 
 mid_level = pytest.importorskip("torchdistill.losses.mid_level", reason="torchdistill is not installed")
 registry = pytest.importorskip("torchdistill.losses.registry")
@@ -39,24 +40,12 @@ def _cpu_sp_ready() -> bool:
         return False
 
 
-def _triton_sp_ready() -> bool:
-    import os
-
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available():
-        return False
-    try:
-        kdk.sp_loss(torch.randn(2, 3), torch.randn(2, 3), backend="triton")
-        return True
-    except Exception:  # triton missing, or its SP kernel not there yet
-        return False
-
-
 # the fused backends run as soon as their SP kernel exists (skipped, not failed, before);
 # Triton on CPU tensors runs under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
 BACKENDS = ["reference",
             pytest.param("cpu", marks=pytest.mark.skipif(not _cpu_sp_ready(),
                                                          reason="the C++ SP kernel is not built/written yet")),
-            pytest.param("triton", marks=pytest.mark.skipif(not _triton_sp_ready(), reason="Triton SP cannot run here"))]
+            pytest.param("triton", marks=pytest.mark.skipif(not triton_sp_ready(), reason="Triton SP cannot run here"))]
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-4, atol=1e-6)}
 
 
