@@ -11,5 +11,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ofd_backward", &kdk::ofd_backward, "OFD: gradients for an elementwise upstream gradient");
   m.def("nd_forward", &kdk::nd_forward, "ND: per-row loss and row-weighted gradients");
   m.def("lsh_forward", &kdk::lsh_forward, "LSH: per-row loss and row-weighted gradients");
+  m.def("gemm_engine", &kdk::gemm_engine, "The engine of the LSH and SP float32 GEMMs: 'onednn' or 'aten'");
+  m.def("gemm", &kdk::gemm, "a @ b through the kernels' GEMM engine (the benchmark's same-engine floor)");
   m.def("sp_forward", &kdk::sp_forward, "SP: per-row loss and row-weighted gradients of one layer pair");
 }

@@ -74,6 +74,13 @@ inline void advise_huge_pages(const Tensor& out) {
 #endif
 }
 
+// GEMMs of LSH and SP (gemm.cpp): out = a @ b, or out += a @ b when
+// `accumulate` (out [m, n], a [m, k], b [k, n]); float32 through oneDNN where
+// available, else ATen.
+void gemm_into(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate);
+Tensor gemm(const Tensor& a, const Tensor& b);  // a [m, k] @ b [k, n] -> new contiguous [m, n]
+const char* gemm_engine();                        // "onednn" or "aten"
+
 // OFD (ofd.cpp)
 TensorTriple ofd_forward(const Tensor& s, const Tensor& t, const Tensor& margin, double grad_scale,
                          bool need_grad_s, bool need_grad_t);

@@ -291,7 +291,7 @@ TensorTriple lsh_forward(const Tensor& f_s, const c10::optional<Tensor>& f_t_opt
         const int64_t nc = std::min(nc_max, N - n0);
         Tensor H = Hbuf.narrow(0, 0, R * nc).view({R, nc});
         const Tensor Wc = W.narrow(0, n0, nc);  // [nc, D]
-        at::mm_out(H, X, Wc.t());
+        gemm_into(H, X, Wc.t(), false);
         A* hp = H.mutable_data_ptr<A>();
         const A* bp = has_bias ? bias.const_data_ptr<A>() + n0 : nullptr;
         const A* wp = w.const_data_ptr<A>();
@@ -311,11 +311,7 @@ TensorTriple lsh_forward(const Tensor& f_s, const c10::optional<Tensor>& f_t_opt
         }
         if (need_grad_s) {
           const Tensor dH = H.narrow(0, 0, B);  // [B, nc], contiguous
-          if (n0 == 0) {
-            at::mm_out(Gs, dH, Wc);
-          } else {
-            Gs.addmm_(dH, Wc);
-          }
+          gemm_into(Gs, dH, Wc, n0 > 0);
         }
       }
     });

@@ -92,16 +92,16 @@ void sp_rows(const A* as_, const A* at_, const A* w, int64_t b, bool l1, A* rows
 // and the same values bitwise) and mirroring the off-diagonal block.
 Tensor gram(const Tensor& Q) {
   const int64_t b = Q.size(0);
-  if (b < 64) return at::mm(Q, Q.t());
+  if (b < 64) return gemm(Q, Q.t());
   const int64_t h = b / 2;
   Tensor A = at::empty({b, b}, Q.options().memory_format(at::MemoryFormat::Contiguous));
   const Tensor Q1 = Q.narrow(0, 0, h), Q2 = Q.narrow(0, h, b - h);
   Tensor A11 = A.narrow(0, 0, h).narrow(1, 0, h);
   Tensor A12 = A.narrow(0, 0, h).narrow(1, h, b - h);
   Tensor A22 = A.narrow(0, h, b - h).narrow(1, h, b - h);
-  at::mm_out(A11, Q1, Q1.t());
-  at::mm_out(A12, Q1, Q2.t());
-  at::mm_out(A22, Q2, Q2.t());
+  gemm_into(A11, Q1, Q1.t(), false);
+  gemm_into(A12, Q1, Q2.t(), false);
+  gemm_into(A22, Q2, Q2.t(), false);
   A.narrow(0, h, b - h).narrow(1, 0, h).copy_(A12.t());
   return A;
 }
@@ -111,9 +111,9 @@ Tensor side_grad(const Tensor& dA, const Tensor& Q, const Tensor& q) {
   const Tensor M = dA + dA.t();
   Tensor out = at::empty_like(q);
   if (out.scalar_type() == Q.scalar_type()) {
-    at::mm_out(out, M, Q);
+    gemm_into(out, M, Q, false);
   } else {
-    out.copy_(at::mm(M, Q));
+    out.copy_(gemm(M, Q));
   }
   return out;
 }

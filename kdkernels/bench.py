@@ -9,7 +9,10 @@ case, measured in the same process:
   compile    ``torch.compile`` of the reference (compile time reported apart)
   floor      the irreducible work: OFD/ND a ``clone()`` of one input; SP the
              GEMMs Qs Qs^T, Qt Qt^T and one [b,b]x[b,K]; LSH f_s W^T, f_t W^T
-             and one [B,N]x[N,D]
+             and one [B,N]x[N,D] (``torch.mm``)
+  engine_floor  SP and LSH on CPU only: the same GEMMs through the kernels' own
+             GEMM engine (``kdkernels._C.gemm``, oneDNN where available), so
+             kdk/engine_floor is the fused kernel's overhead over its GEMMs
 
 CPU times are medians of ``--repeats`` timed calls after warm-up, with the
 implementations interleaved (one call of each in turn) so drift hits them all
@@ -39,7 +42,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 LOSSES = ("ofd", "nd", "sp", "lsh")
-IMPLS = ("kdkernels", "eager", "compile", "floor")
+IMPLS = ("kdkernels", "eager", "compile", "floor", "engine_floor")
+MEMORY_IMPLS = ("kdkernels", "eager", "compile", "floor")
+NOT_APPLICABLE = "n/a"
 NOT_IMPLEMENTED = "not implemented"
 
 
@@ -168,8 +173,9 @@ def loss_fn(loss: str, backend: Optional[str]) -> Callable[[dict], torch.Tensor]
     raise ValueError(f"loss: expected one of {list(LOSSES)}, got {loss!r}")
 
 
-def floor_fn(loss: str) -> Callable[[dict], None]:
-    """The hardware floor of one fwd+bwd, in the same process (see the module docstring)."""
+def floor_fn(loss: str, mm: Callable = torch.mm) -> Callable[[dict], None]:
+    """The hardware floor of one fwd+bwd, in the same process (see the module docstring);
+    ``mm`` computes the GEMMs of SP and LSH."""
     if loss == "ofd":
         return lambda x: x["s"].detach().clone()
     if loss == "nd":
@@ -177,24 +183,33 @@ def floor_fn(loss: str) -> Callable[[dict], None]:
     if loss == "sp":
         def sp_floor(x):
             q_s, q_t = x["f_s"].detach(), x["f_t"].detach()
-            a_s = q_s @ q_s.T  # [b, b]
-            q_t @ q_t.T
-            return a_s @ q_s  # [b, b] x [b, K]
+            a_s = mm(q_s, q_s.T)  # [b, b]
+            mm(q_t, q_t.T)
+            return mm(a_s, q_s)  # [b, b] x [b, K]
         return sp_floor
     if loss == "lsh":
         def lsh_floor(x):
             w = x["weight"]
-            h_s = x["f_s"].detach() @ w.T  # [B, N]
-            x["f_t"] @ w.T
-            return h_s @ w  # [B, N] x [N, D]
+            h_s = mm(x["f_s"].detach(), w.T)  # [B, N]
+            mm(x["f_t"], w.T)
+            return mm(h_s, w)  # [B, N] x [N, D]
         return lsh_floor
     raise ValueError(f"loss: expected one of {list(LOSSES)}, got {loss!r}")
 
 
+def applies(impl: str, case: Case, device: str) -> bool:
+    """engine_floor exists for the GEMM-bound losses on CPU only."""
+    return impl != "engine_floor" or (device == "cpu" and case.loss in ("sp", "lsh"))
+
+
 def make_step(impl: str, case: Case, device: str, compiled: Optional[Callable] = None) -> Callable[[dict], None]:
-    """One timed call of an implementation: fwd + ``loss.backward()`` (floor: its ops)."""
+    """One timed call of an implementation: fwd + ``loss.backward()`` (floors: their ops)."""
     if impl == "floor":
         return floor_fn(case.loss)
+    if impl == "engine_floor":
+        from . import _cpu
+
+        return floor_fn(case.loss, _cpu._extension().gemm)
     if impl == "kdkernels":
         fn = loss_fn(case.loss, fused_backend(device))
     elif impl == "eager":
@@ -236,6 +251,9 @@ def time_case(case: Case, device: str, repeats: int, warmup: int, impls: Sequenc
     steps: Dict[str, Callable] = {}
     for impl in impls:
         entry = {"ms": None, "status": "ok"}
+        if not applies(impl, case, device):
+            out[impl] = {"ms": None, "status": NOT_APPLICABLE}
+            continue
         try:
             step = make_step(impl, case, device)
             zero_grads(inputs)
@@ -357,7 +375,7 @@ def memory_case(case: Case, device: str, impls: Sequence[str], progress=None) ->
     CPU: a fresh forked worker per implementation ('compile' is not measured on CPU:
     it would recompile in every worker). CUDA: in this process."""
     out: Dict[str, dict] = {}
-    for impl in impls:
+    for impl in (i for i in impls if i in MEMORY_IMPLS):
         if device == "cuda":
             if impl == "compile":
                 out[impl] = _memory_compiled_cuda(case)
@@ -495,6 +513,10 @@ def machine_info(device: str) -> dict:
         info["triton"] = None
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+    if device == "cpu":
+        from . import _cpu
+
+        info["gemm_engine"] = _cpu._C.gemm_engine() if _cpu.available() else None
     return info
 
 
@@ -523,7 +545,8 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 def format_table(results: List[dict]) -> str:
     head = (f"{'case':<22}{'kdk ms':>10}{'eager ms':>10}{'compile ms':>11}{'floor ms':>10}"
-            f"{'kdk/floor':>10}{'eag/floor':>10}{'cmp/floor':>10}{'x eager':>9}{'x compile':>10}{'compile s':>10}"
+            f"{'kdk/floor':>10}{'eag/floor':>10}{'cmp/floor':>10}{'kdk/eng':>8}{'x eager':>9}{'x compile':>10}"
+            f"{'compile s':>10}"
             f"  {'peak extra MiB kdk/eager/compile/floor':<40}")
     lines = [head, "-" * len(head)]
     for r in results:
@@ -537,24 +560,26 @@ def format_table(results: List[dict]) -> str:
         def rf(x):
             return "-" if x is None else f"{x:.2f}"
 
-        mem = "/".join(_fmt_mb(m.get(i)) for i in IMPLS) if m else "-"
+        mem = "/".join(_fmt_mb(m.get(i)) for i in MEMORY_IMPLS) if m else "-"
         if r["timed"]:
             lines.append(f"{r['case']:<22}{_fmt_ms(t.get('kdkernels')):>10}{_fmt_ms(t.get('eager')):>10}"
                          f"{_fmt_ms(t.get('compile')):>11}{_fmt_ms(t.get('floor')):>10}"
                          f"{rf(_ratio(ms.get('kdkernels'), fl)):>10}{rf(_ratio(ms.get('eager'), fl)):>10}"
-                         f"{rf(_ratio(ms.get('compile'), fl)):>10}{rf(_ratio(ms.get('eager'), ms.get('kdkernels'))):>9}"
+                         f"{rf(_ratio(ms.get('compile'), fl)):>10}{rf(_ratio(ms.get('kdkernels'), ms.get('engine_floor'))):>8}"
+                         f"{rf(_ratio(ms.get('eager'), ms.get('kdkernels'))):>9}"
                          f"{rf(_ratio(ms.get('compile'), ms.get('kdkernels'))):>10}{cs:>10}  {mem:<40}")
         else:
-            lines.append(f"{r['case']:<22}{'(memory only)':>60}{'':>20}  {mem:<40}")
+            lines.append(f"{r['case']:<22}{'(memory only)':>60}{'':>28}  {mem:<40}")
         for tg in r.get("targets", []):
             v = "-" if tg["value"] is None else f"{tg['value']:.2f}"
             lines.append(f"{'':<4}target {tg['target']:<34} measured {v:>7}  {tg['status'].upper()}")
         bad = {i: e["status"] for i, e in list(t.items()) + list(m.items())
-               if e and e.get("status") not in ("ok", NOT_IMPLEMENTED, "not measured on CPU")}
+               if e and e.get("status") not in ("ok", NOT_IMPLEMENTED, NOT_APPLICABLE, "not measured on CPU")}
         for impl, status in bad.items():
             lines.append(f"{'':<4}{impl}: {status}")
-    lines.append("kdk/floor etc.: time ratios vs the floor; x eager / x compile: speed-up of kdkernels; "
-                 "n/i: not implemented; peak extra: one fwd+bwd beyond the inputs")
+    lines.append("kdk/floor etc.: time ratios vs the floor (torch.mm GEMMs); kdk/eng: vs the same GEMMs through the "
+                 "kernels' engine; x eager / x compile: speed-up of kdkernels; n/i: not implemented; "
+                 "peak extra: one fwd+bwd beyond the inputs")
     return "\n".join(lines)
 
 
@@ -615,7 +640,8 @@ def plot(results: List[dict], path: str, title: str) -> None:
 # --------------------------------------------------------------------------- driver
 def run(cases: Sequence[Case], device: str, repeats: int, warmup: int, impls: Sequence[str] = IMPLS,
         memory: bool = True, show_progress: bool = True) -> List[dict]:
-    total = sum((len(impls) if c.timed else 0) + (len(impls) if (c.memory and memory) else 0) for c in cases)
+    n_mem = sum(i in MEMORY_IMPLS for i in impls)
+    total = sum((len(impls) if c.timed else 0) + (n_mem if (c.memory and memory) else 0) for c in cases)
     bar = _progress(total, show_progress)
     results = []
     try:

@@ -22,7 +22,7 @@ def test_quick_run_writes_json_and_png(quick_run, capsys):
     assert (out / "bench.png").stat().st_size > 1000
     data = json.loads((out / "bench.json").read_text())
     assert {"machine", "config", "cases", "targets_summary", "seconds"} <= set(data)
-    assert {"cpu", "threads", "torch", "cpu_count"} <= set(data["machine"])
+    assert {"cpu", "threads", "torch", "cpu_count", "gemm_engine"} <= set(data["machine"])
     assert data["config"]["quick"] is True and data["config"]["device"] == "cpu"
     cases = data["cases"]
     assert {c["loss"] for c in cases} == set(bench.LOSSES)
@@ -31,12 +31,14 @@ def test_quick_run_writes_json_and_png(quick_run, capsys):
         if c["timed"]:
             assert set(c["time"]) == set(bench.IMPLS)
             for impl, e in c["time"].items():
-                assert e["status"] == "ok" or e["status"] == "not implemented", (c["case"], impl, e)
+                assert e["status"] in ("ok", "not implemented", "n/a"), (c["case"], impl, e)
                 assert (e["ms"] is not None) == (e["status"] == "ok")
+            # the same-engine floor is timed for the GEMM-bound losses only
+            assert (c["time"]["engine_floor"]["status"] == "ok") == (c["loss"] in ("sp", "lsh"))
             for impl in ("eager", "floor", "compile"):  # always available
                 assert c["time"][impl]["ms"] > 0
             assert c["time"]["compile"]["compile_s"] >= 0
-        assert set(c["memory"]) == set(bench.IMPLS)
+        assert set(c["memory"]) == set(bench.MEMORY_IMPLS)
         assert c["memory"]["eager"]["bytes"] > 0
         for t in c["targets"]:
             assert {"target", "value", "status", "threshold"} <= set(t)
@@ -109,6 +111,20 @@ def test_every_implementation_computes_the_same_loss(loss):
         torch.testing.assert_close(fused, ref)
     bench.floor_fn(loss)(x)
     assert torch.isfinite(ref)
+
+
+@pytest.mark.parametrize("loss", ["sp", "lsh"])
+def test_engine_floor_computes_the_floor_products(loss):
+    """The same-engine floor does the floor's GEMMs (through kdkernels._C.gemm)."""
+    from kdkernels import _cpu
+
+    case = bench.tiny_case(bench.Case(loss, ()))
+    x = bench.make_inputs(case, "cpu")
+    torch.testing.assert_close(bench.floor_fn(loss, _cpu._extension().gemm)(x), bench.floor_fn(loss)(x),
+                               rtol=1e-5, atol=1e-5)
+    assert bench.applies("engine_floor", case, "cpu")
+    assert not bench.applies("engine_floor", bench.Case("ofd", ()), "cpu")
+    assert not bench.applies("engine_floor", case, "cuda")
 
 
 def test_memory_worker_measures_an_allocation():
