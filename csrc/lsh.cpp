@@ -29,7 +29,7 @@ namespace {
 constexpr int kLanes = 16;
 
 // ---------------------------------------------------------------- float math
-// The Cephes polynomials, shared by the scalar (float) and vector (vf8) forms below.
+// The Cephes polynomials, shared by the scalar (float) and vector (vf16) forms below.
 template <class T>
 C10_ALWAYS_INLINE T exp_poly(T r, T r2) {  // exp(r) for |r| <= ln(2)/2
   T p = T{} + 1.9875691500e-4f;
@@ -92,47 +92,49 @@ C10_ALWAYS_INLINE double exp_nonpos_any(double x) { return std::exp(x); }
 C10_ALWAYS_INLINE float log1p_any(float e) { return log1p_unit(e); }
 C10_ALWAYS_INLINE double log1p_any(double e) { return std::log1p(e); }
 
-// ---------------------------------------------------------------- float x 8 (GCC/clang vector extensions)
-// The same two functions on 8 floats at a time: gcc does not vectorise the
+// ---------------------------------------------------------------- float x 16 (GCC/clang vector extensions)
+// The same two functions on 16 floats at a time: gcc does not vectorise the
 // scalar forms inside the fused loop, so the float path is written with
-// vector types (lowered to AVX/AVX-512 under -march=native, to SSE pairs
-// without it). Rounding to nearest uses the 1.5 * 2^23 trick (|x| < 128 here).
-typedef float vf8 __attribute__((vector_size(32)));
-typedef int32_t vi8 __attribute__((vector_size(32)));
+// vector types (one zmm register under AVX-512, split into AVX2 or SSE
+// registers without it). Rounding to nearest uses the 1.5 * 2^23 trick
+// (|x| < 128 here).
+typedef float vf16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
 
-C10_ALWAYS_INLINE vf8 vload(const float* p) {
-  vf8 v;
+C10_ALWAYS_INLINE vf16 vload(const float* p) {
+  vf16 v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-C10_ALWAYS_INLINE void vstore(float* p, vf8 v) { std::memcpy(p, &v, sizeof(v)); }
-C10_ALWAYS_INLINE vf8 vsplat(float x) { return vf8{} + x; }
+C10_ALWAYS_INLINE void vstore(float* p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
+C10_ALWAYS_INLINE vf16 vsplat(float x) { return vf16{} + x; }
 
-C10_ALWAYS_INLINE vf8 exp_nonpos_v(vf8 x) {
-  const vi8 under = x < -88.0f;
-  const vf8 xc = under ? vsplat(-88.0f) : x;
-  vf8 n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+C10_ALWAYS_INLINE vf16 exp_nonpos_v(vf16 x) {
+  const vi16 under = x < -88.0f;
+  const vf16 xc = under ? vsplat(-88.0f) : x;
+  vf16 n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   n = (n != n) ? vsplat(0.0f) : n;
-  const vf8 r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  const vf8 r2 = r * r;
-  const vf8 p = exp_poly(r, r2);
-  const vi8 bits = (__builtin_convertvector(n, vi8) + 127) << 23;
-  const vf8 scale = (vf8)bits;  // a vector cast reinterprets the bits
+  const vf16 r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  const vf16 r2 = r * r;
+  const vf16 p = exp_poly(r, r2);
+  const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
+  const vf16 scale = (vf16)bits;  // a vector cast reinterprets the bits
   return under ? vsplat(0.0f) : p * scale;
 }
 
-C10_ALWAYS_INLINE vf8 log1p_unit_v(vf8 e) {
-  const vf8 u = 1.0f + e;
-  const vi8 big = u > 1.41421356237f;
-  const vf8 m = big ? u * 0.5f : u;
-  const vf8 k = big ? vsplat(1.0f) : vsplat(0.0f);
-  const vf8 f = m - 1.0f;
-  const vf8 z = f * f;
-  vf8 y = log_poly(f, z);
+// log1p(e) as log1p_unit above, given u = 1 + e and its reciprocal r (which
+// the gradient reuses: one division per element instead of two).
+C10_ALWAYS_INLINE vf16 log1p_unit_v(vf16 e, vf16 u, vf16 r) {
+  const vi16 big = u > 1.41421356237f;
+  const vf16 m = big ? u * 0.5f : u;
+  const vf16 k = big ? vsplat(1.0f) : vsplat(0.0f);
+  const vf16 f = m - 1.0f;
+  const vf16 z = f * f;
+  vf16 y = log_poly(f, z);
   y += -2.12194440e-4f * k;
   y += -0.5f * z;
-  const vf8 lg = f + y + 0.693359375f * k;
-  return lg + (e - (u - 1.0f)) / u;
+  const vf16 lg = f + y + 0.693359375f * k;
+  return lg + (e - (u - 1.0f)) * r;
 }
 
 // ---------------------------------------------------------------- fused pass
@@ -167,44 +169,50 @@ double lsh_row(A* __restrict hs, const A* __restrict ht, const uint8_t* __restri
   double sum = 0.0;
   int64_t j = 0;
   if constexpr (std::is_same<A, float>::value) {
-    // 8 floats at a time, two accumulators, flushed to double every 512 columns
-    vf8 acc0 = vsplat(0.0f), acc1 = vsplat(0.0f);
-    const vf8 vcoef = vsplat(coef);
-    auto vec8 = [&](int64_t k) -> vf8 {
-      vf8 h = vload(hs + k);
+    // 16 floats at a time, two accumulators, flushed to double every 512 columns
+    vf16 acc0 = vsplat(0.0f), acc1 = vsplat(0.0f);
+    const vf16 vcoef = vsplat(coef);
+    auto vec16 = [&](int64_t k) -> vf16 {
+      vf16 h = vload(hs + k);
       if (bias != nullptr) h += vload(bias + k);
-      vf8 y;
+      vf16 y;
       if constexpr (CODES) {
-        const int64_t q = n0 + k;  // a multiple of 8: chunks start at multiples of 64
-        const vi8 byte = vi8{} + static_cast<int32_t>(codes[q >> 3]);
-        const vi8 shifts = {0, 1, 2, 3, 4, 5, 6, 7};
-        y = __builtin_convertvector((byte >> shifts) & 1, vf8);
+        const int64_t q = n0 + k;  // a multiple of 16: chunks start at multiples of 64
+        const int32_t lo = codes[q >> 3], hi = codes[(q >> 3) + 1];
+        const vi16 bytes = {lo, lo, lo, lo, lo, lo, lo, lo, hi, hi, hi, hi, hi, hi, hi, hi};
+        const vi16 shifts = {0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7};
+        y = __builtin_convertvector((bytes >> shifts) & 1, vf16);
       } else {
-        vf8 hts = vload(ht + k);
+        vf16 hts = vload(ht + k);
         if (bias != nullptr) hts += vload(bias + k);
         y = (hts != hts) ? hts : ((hts > 0.0f) ? vsplat(1.0f) : vsplat(0.0f));
       }
-      const vf8 e = exp_nonpos_v((h < 0.0f) ? h : -h);  // exp(-|h|); NaN stays NaN
-      const vf8 bce = (1.0f - y) * h - (((h < 0.0f) ? h : vsplat(0.0f)) - log1p_unit_v(e));
+      const vf16 e = exp_nonpos_v((h < 0.0f) ? h : -h);  // exp(-|h|); NaN stays NaN
+      const vf16 u = 1.0f + e;
+      const vf16 r = 1.0f / u;
+      const vf16 bce = (1.0f - y) * h - (((h < 0.0f) ? h : vsplat(0.0f)) - log1p_unit_v(e, u, r));
       if constexpr (GS) {
-        const vf8 r = 1.0f / (1.0f + e);
-        const vf8 sig = (h >= 0.0f) ? r : e * r;
+        const vf16 sig = (h >= 0.0f) ? r : e * r;
         vstore(hs + k, vcoef * (sig - y));
       }
       return bce;
     };
     int64_t since = 0;
-    for (; j + 16 <= n; j += 16) {
-      acc0 += vec8(j);
-      acc1 += vec8(j + 8);
-      if ((since += 16) >= 512) {
-        for (int l = 0; l < 8; ++l) sum += static_cast<double>(acc0[l]) + static_cast<double>(acc1[l]);
+    for (; j + 32 <= n; j += 32) {
+      acc0 += vec16(j);
+      acc1 += vec16(j + 16);
+      if ((since += 32) >= 512) {
+        for (int l = 0; l < 16; ++l) sum += static_cast<double>(acc0[l]) + static_cast<double>(acc1[l]);
         acc0 = vsplat(0.0f);
         acc1 = vsplat(0.0f);
         since = 0;
       }
     }
-    for (int l = 0; l < 8; ++l) sum += static_cast<double>(acc0[l]) + static_cast<double>(acc1[l]);
+    if (j + 16 <= n) {  // leaves fewer than 16 for the scalar tail below (its lanes[kLanes])
+      acc0 += vec16(j);
+      j += 16;
+    }
+    for (int l = 0; l < 16; ++l) sum += static_cast<double>(acc0[l]) + static_cast<double>(acc1[l]);
   } else {
     for (; j + kLanes <= n; j += kLanes) {
       for (int l = 0; l < kLanes; ++l) lanes[l] += elem(j + l);
