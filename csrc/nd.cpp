@@ -25,6 +25,11 @@ namespace kdk {
 namespace {
 
 constexpr int kLanes = 16;
+// Software prefetch distance, in elements: the first sweep asks for the data
+// this far ahead, running on into the next row of the block at the row's end
+// (that row's centre is a gather the hardware prefetcher cannot guess).
+// Measured at B=512, D=2048 with cold caches: about 20% less time.
+constexpr int64_t kPrefetchAhead = 1024;
 
 // Squared norms accurate enough that a permutation of a row (or a copy in
 // another layout) gives bitwise the same norm, so exact ties stay ties whatever
@@ -76,10 +81,24 @@ void nd_kernel(const T* s, int64_t s_row, const T* t, int64_t t_row, const T* c,
       const T* __restrict si = s + i * s_row;
       const T* __restrict ti = t + i * t_row;
       const T* __restrict ci = c + labels[i] * c_row;
+      const bool has_next = i + 1 < i1;
+      const T* s_next = has_next ? si + s_row : nullptr;
+      const T* t_next = has_next ? ti + t_row : nullptr;
+      const T* c_next = has_next ? c + labels[i + 1] * c_row : nullptr;
       SqNorm<T> ss, tt;
       A cc[kLanes] = {}, sc[kLanes] = {};
       int64_t d = 0;
       for (; d + kLanes <= D; d += kLanes) {
+        const int64_t ahead = d + kPrefetchAhead;
+        if (ahead < D) {
+          __builtin_prefetch(si + ahead);
+          __builtin_prefetch(ti + ahead);
+          __builtin_prefetch(ci + ahead);
+        } else if (has_next && ahead - D < D) {
+          __builtin_prefetch(s_next + (ahead - D));
+          __builtin_prefetch(t_next + (ahead - D));
+          __builtin_prefetch(c_next + (ahead - D));
+        }
         for (int j = 0; j < kLanes; ++j) {
           const A sv = static_cast<A>(si[d + j]), tv = static_cast<A>(ti[d + j]), cv = static_cast<A>(ci[d + j]);
           ss.add(j, sv);
