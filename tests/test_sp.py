@@ -78,6 +78,14 @@ def test_gradcheck(backend, reduction, p):
     check_gradcheck(make_case((4, 5), (4, 3, 2), reduction, p=p, seed=4), backend)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("b", [63, 64, 127, 128, 129, 200])
+def test_batch_sizes_around_the_gram_blocking(backend, dtype, b):
+    """The C++ Gram matrix is one GEMM below b = 128 and three blocks of its upper
+    triangle from 128 up (odd b: unequal blocks); both sides get gradients."""
+    check_parity(make_case((b, 3, 7), (b, 19), "batchmean", seed=b), backend, dtype, "random")
+
+
 def test_clamped_row_norm(backend):
     """A zero row of Q gives a zero Gram row, whose norm is clamped at 1e-12."""
     f_s = randn(4, 6)
