@@ -45,7 +45,7 @@ class OFDLossFunction(torch.autograd.Function):
         if not ctx.fused:
             return _reference_forward(ctx, reference.ofd_loss, (s, t, margin), reduction=reduction)
         inputs = (s, t, margin, reduction, backend, *ctx.needs_input_grad[:2])
-        output = _ops.ofd_fwd(*inputs)
+        output = _ops.call(_ops.ofd_fwd, *inputs)
         _ops.ofd_setup_context(ctx, inputs, output)
         return output[0]
 
@@ -69,7 +69,7 @@ class NDLossFunction(torch.autograd.Function):
             V.check_label_values("labels", labels, centers.shape[0])
             return _reference_forward(ctx, reference.nd_loss, (s, t, centers, labels), eps=eps, reduction=reduction)
         inputs = (s, t, centers.to(s.dtype), labels, eps, reduction, backend, *ctx.needs_input_grad[:2])
-        output = _ops.nd_fwd(*inputs)
+        output = _ops.call(_ops.nd_fwd, *inputs)
         _ops.nd_setup_context(ctx, inputs, output)
         return output[0]
 
@@ -99,7 +99,7 @@ class LSHLossFunction(torch.autograd.Function):
         need_t = f_t is not None and ctx.needs_input_grad[1]
         inputs = (f_s, f_t, weight.to(f_s.dtype), None if bias is None else bias.to(f_s.dtype), sample_mask,
                   teacher_codes, mse_weight, reduction, backend, ctx.needs_input_grad[0], need_t)
-        output = _ops.lsh_fwd(*inputs)
+        output = _ops.call(_ops.lsh_fwd, *inputs)
         _ops.lsh_setup_context(ctx, inputs, output)
         return output[0]
 
@@ -122,7 +122,7 @@ class SPLossFunction(torch.autograd.Function):
         ctx.shapes = (f_s.shape, f_t.shape)
         inputs = (f_s.reshape(f_s.shape[0], -1), f_t.reshape(f_t.shape[0], -1), float(p), reduction, backend,
                   *ctx.needs_input_grad[:2])
-        output = _ops.sp_fwd(*inputs)
+        output = _ops.call(_ops.sp_fwd, *inputs)
         _ops.sp_setup_context(ctx, inputs, output)
         return output[0]
 

@@ -28,6 +28,8 @@ def _float32_under_autocast(loss_fn):
 
     @functools.wraps(loss_fn)
     def wrapper(*args, **kwargs):
+        if not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")):
+            return loss_fn(*args, **kwargs)  # the usual case, without flattening the arguments
         tensors = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, Tensor)]
         device_type = tensors[0].device.type if tensors else "cpu"
         if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
@@ -105,7 +107,7 @@ def lsh_loss(f_s: Tensor, f_t: Optional[Tensor], weight: Tensor, bias: Optional[
         return reference.lsh_loss(f_s, f_t, weight, bias, mse_weight=mse_weight, sample_mask=sample_mask,
                                   teacher_codes=teacher_codes, reduction=reduction)
     weight, bias = _frozen_in_dtype(weight, f_s.dtype), _frozen_in_dtype(bias, f_s.dtype)
-    return _ops.lsh_fwd(f_s, f_t, weight, bias, sample_mask, teacher_codes, mse_weight, reduction, backend,
+    return _ops.run(_ops.lsh_fwd, f_s, f_t, weight, bias, sample_mask, teacher_codes, mse_weight, reduction, backend,
                         _wants_grad(f_s), _wants_grad(f_t))[0]
 
 
@@ -157,7 +159,7 @@ def nd_loss(s: Tensor, t: Tensor, centers: Tensor, labels: Tensor, *, eps: float
         if not torch.compiler.is_compiling():
             V.check_label_values("labels", labels, centers.shape[0])
         return reference.nd_loss(s, t, centers, labels, eps=eps, reduction=reduction)
-    return _ops.nd_fwd(s, t, _frozen_in_dtype(centers, s.dtype), labels, eps, reduction, backend, _wants_grad(s), _wants_grad(t))[0]
+    return _ops.run(_ops.nd_fwd, s, t, _frozen_in_dtype(centers, s.dtype), labels, eps, reduction, backend, _wants_grad(s), _wants_grad(t))[0]
 
 
 # --------------------------------------------------------------------------- OFD
@@ -187,7 +189,7 @@ def ofd_loss(s: Tensor, t: Tensor, margin: Tensor, *, reduction: str = "batchmea
     backend = _check_ofd(s, t, margin, reduction, backend)
     if backend == "reference":
         return reference.ofd_loss(s, t, margin, reduction=reduction)
-    return _ops.ofd_fwd(s, t, margin, reduction, backend, _wants_grad(s), _wants_grad(t))[0]
+    return _ops.run(_ops.ofd_fwd, s, t, margin, reduction, backend, _wants_grad(s), _wants_grad(t))[0]
 
 
 # --------------------------------------------------------------------------- SP
@@ -250,6 +252,6 @@ def _sp_local(pairs_s: List[Tensor], pairs_t: List[Tensor], p: float, reduction:
     total = None
     for a, b in zip(pairs_s, pairs_t):
         q_s, q_t = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-        loss = _ops.sp_fwd(q_s, q_t, p, reduction, backend, _wants_grad(a), _wants_grad(b))[0]
+        loss = _ops.run(_ops.sp_fwd, q_s, q_t, p, reduction, backend, _wants_grad(a), _wants_grad(b))[0]
         total = loss if total is None else total + loss
     return total

@@ -87,3 +87,63 @@ def test_compile_reference_backend(loss):
     compiled = torch.compile(lambda a, b: LOSS_CALLS[loss](a, b, "reference"), fullgraph=True, backend="aot_eager")
     out = compiled(x, y)
     torch.testing.assert_close(out, LOSS_CALLS[loss](x, y, "reference"), rtol=1e-9, atol=1e-12)
+
+
+class _PassThroughFunctionMode(torch.overrides.TorchFunctionMode):
+    """A torch-function mode that changes nothing: it only makes the ops go through the dispatcher."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("reduction", ["default", "none"])
+@pytest.mark.parametrize("loss", sorted(LOSS_CALLS))
+def test_eager_fast_path_equals_custom_op_path(backend, loss, reduction):
+    """Plain eager calls run the ops' bodies directly (kdkernels._ops.run/call); under a
+    torch-function mode they go through the custom ops and their registered autograd.
+    Same kernels, so the losses and gradients are bitwise equal."""
+    x0, y0 = randn(4, 3, 4, 5), randn(4, 3, 4, 5, seed=1)
+    assert _ops._direct_ok((x0, y0))
+    results = []
+    for through_op in (False, True):
+        x, y = x0.clone().requires_grad_(), y0.clone().requires_grad_()
+        call = LOSS_CALLS[loss]
+        if reduction == "none":
+            kwargs_call = {"ofd": lambda x, y, b: kdk.ofd_loss(x, y, torch.full((3,), -0.2, dtype=x.dtype),
+                                                                reduction="none", backend=b),
+                           "nd": lambda x, y, b: kdk.nd_loss(x.flatten(1), y.flatten(1), torch.ones(4, 60),
+                                                              torch.tensor([0, 1, 2, 3]), reduction="none", backend=b),
+                           "lsh": lambda x, y, b: kdk.lsh_loss(x.flatten(1), y.flatten(1), torch.ones(16, 60) * 0.1,
+                                                                reduction="none", backend=b),
+                           "sp": lambda x, y, b: kdk.sp_loss(x, y, reduction="none", backend=b)}
+            call = kwargs_call[loss]
+        if through_op:
+            with _PassThroughFunctionMode():
+                assert not _ops._direct_ok((x, y))
+                out = call(x, y, backend)
+        else:
+            out = call(x, y, backend)
+        upstream = torch.rand(out.shape, generator=torch.Generator().manual_seed(9), dtype=out.dtype) + 0.5
+        out.backward(upstream)
+        results.append((out.detach(), x.grad, y.grad))
+    for a, b in zip(*results):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_direct_path_refused_for_fake_tensors_and_subclasses():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(3, 4)
+    assert _ops._direct_ok((x, None, 1.0, "mean"))
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+        assert not _ops._direct_ok((fake,))
+    assert _ops._direct_ok((torch.nn.Parameter(x),))  # no __torch_function__ of its own
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert not _ops._direct_ok((x, x.as_subclass(Sub)))  # any other subclass: through the custom op
