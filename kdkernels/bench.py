@@ -736,7 +736,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(format_table(results))
     missed = [(r["case"], t["target"]) for r in results for t in r["targets"] if t["status"] != "met"]
     met = sum(t["status"] == "met" for r in results for t in r["targets"])
-    print(f"targets (issue #3, fp32, 2 threads, CPU): {met} met, "
+    print(f"targets (issue #3, defined for fp32, 2 threads, CPU): {met} met, "
           f"{sum(t['status'] == 'missed' for r in results for t in r['targets'])} missed, "
           f"{sum(t['status'] == 'n/a' for r in results for t in r['targets'])} n/a; {elapsed:.1f}s")
     if args.quick or args.device != "cpu" or info["threads"] != 2:
