@@ -1,4 +1,5 @@
-"""Forward + backward of every loss and implementation (kdkernels, eager, compile, floor), fp32.
+"""Forward + backward of every loss and implementation (kdkernels, eager, compile, floor,
+engine_floor where it applies), fp32.
 
 The same cases, inputs and implementations as ``python -m kdkernels bench``
 (see kdkernels/bench.py); grouped by case so pytest-benchmark's table puts the
@@ -26,6 +27,8 @@ CASES = bench_cases()
 @pytest.mark.parametrize("impl", bench.IMPLS)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_fwd_bwd(benchmark, case, impl, device, compiled_cache):
+    if not bench.applies(impl, case, device):
+        pytest.skip(f"{impl} is not measured for {case.name} on {device}")
     benchmark.group = case.name
     benchmark.extra_info.update(loss=case.loss, sizes=list(case.sizes), impl=impl, device=device,
                                 threads=torch.get_num_threads())
