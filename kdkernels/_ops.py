@@ -44,7 +44,12 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+try:  # private helpers: without them every call goes through the custom op (always correct)
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    _torch_function_mode_enabled = torch._C._is_torch_function_mode_enabled
+except (ImportError, AttributeError):  # pragma: no cover - other torch versions
+    _get_current_dispatch_mode = _torch_function_mode_enabled = None
 
 from . import _validate as V
 
@@ -74,7 +79,7 @@ _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)  # Parameter: no __torch_func
 
 def _direct_ok(args) -> bool:
     """True when calling an op's body directly is the same as calling the op."""
-    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+    if _get_current_dispatch_mode is None or torch.compiler.is_compiling() or _torch_function_mode_enabled():
         return False
     if _get_current_dispatch_mode() is not None:
         return False
