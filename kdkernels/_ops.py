@@ -81,8 +81,8 @@ def _direct_ok(args) -> bool:
     """True when calling an op's body directly is the same as calling the op."""
     if _get_current_dispatch_mode is None or torch.compiler.is_compiling() or _torch_function_mode_enabled():
         return False
-    if _get_current_dispatch_mode() is not None:
-        return False
+    if _get_current_dispatch_mode() is not None or torch._C._functorch.maybe_current_level() is not None:
+        return False  # a Python mode, or a torch.func transform (its wrapped tensors look plain)
     return all(type(a) in _PLAIN_TENSOR_TYPES for a in args if isinstance(a, Tensor))
 
 

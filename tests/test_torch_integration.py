@@ -147,3 +147,14 @@ def test_direct_path_refused_for_fake_tensors_and_subclasses():
         pass
 
     assert not _ops._direct_ok((x, x.as_subclass(Sub)))  # any other subclass: through the custom op
+
+
+def test_vmap_goes_through_the_custom_op(backend):
+    """Under torch.func.vmap the inputs are wrapped tensors of type torch.Tensor: the eager
+    fast path must step aside (the custom op's per-sample fallback then runs)."""
+    if backend == "triton":
+        pytest.skip("per-sample Triton launches under the interpreter: slow, nothing new")
+    f_s, f_t = randn(3, 4, 5), randn(3, 4, 6, seed=1)
+    got = torch.func.vmap(lambda a, b: kdk.sp_loss(a, b, backend=backend))(f_s, f_t)
+    want = torch.stack([kdk.sp_loss(a, b, backend="reference") for a, b in zip(f_s, f_t)])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
