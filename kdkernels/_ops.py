@@ -91,20 +91,30 @@ def call(op, *args):
     return _BODIES[id(op)](*args) if _direct_ok(args) else op(*args)
 
 
+def forward_with_ctx(ctx, op, *inputs):
+    """``call(op, *inputs)`` inside an autograd.Function's forward, with the op's
+    setup_context applied to that Function's ``ctx``."""
+    output = call(op, *inputs)
+    _AUTOGRAD[id(op)][0](ctx, inputs, output)
+    return output
+
+
+def backward_with_ctx(ctx, op, *grads):
+    """The op's registered backward on a ``ctx`` prepared by ``forward_with_ctx``."""
+    return _AUTOGRAD[id(op)][1](ctx, *grads)
+
+
 class _EagerAutograd(torch.autograd.Function):
     """An op's body with the op's own setup_context and backward (see ``run``)."""
 
     @staticmethod
     def forward(ctx, op, *inputs):
-        setup_context, backward = _AUTOGRAD[id(op)]
-        output = _BODIES[id(op)](*inputs)
-        setup_context(ctx, inputs, output)
-        ctx.op_backward = backward
-        return output
+        ctx.op = op
+        return forward_with_ctx(ctx, op, *inputs)
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None,) + tuple(ctx.op_backward(ctx, *grads))
+        return (None,) + tuple(backward_with_ctx(ctx, ctx.op, *grads))
 
 
 def run(op, *inputs):

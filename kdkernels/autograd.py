@@ -45,15 +45,13 @@ class OFDLossFunction(torch.autograd.Function):
         if not ctx.fused:
             return _reference_forward(ctx, reference.ofd_loss, (s, t, margin), reduction=reduction)
         inputs = (s, t, margin, reduction, backend, *ctx.needs_input_grad[:2])
-        output = _ops.call(_ops.ofd_fwd, *inputs)
-        _ops.ofd_setup_context(ctx, inputs, output)
-        return output[0]
+        return _ops.forward_with_ctx(ctx, _ops.ofd_fwd, *inputs)[0]
 
     @staticmethod
     def backward(ctx, grad):
         if not ctx.fused:
             return _reference_backward(ctx, grad, 5)
-        return _ops.ofd_backward(ctx, grad)[:5]
+        return _ops.backward_with_ctx(ctx, _ops.ofd_fwd, grad)[:5]
 
 
 class NDLossFunction(torch.autograd.Function):
@@ -69,15 +67,13 @@ class NDLossFunction(torch.autograd.Function):
             V.check_label_values("labels", labels, centers.shape[0])
             return _reference_forward(ctx, reference.nd_loss, (s, t, centers, labels), eps=eps, reduction=reduction)
         inputs = (s, t, centers.to(s.dtype), labels, eps, reduction, backend, *ctx.needs_input_grad[:2])
-        output = _ops.call(_ops.nd_fwd, *inputs)
-        _ops.nd_setup_context(ctx, inputs, output)
-        return output[0]
+        return _ops.forward_with_ctx(ctx, _ops.nd_fwd, *inputs)[0]
 
     @staticmethod
     def backward(ctx, grad):
         if not ctx.fused:
             return _reference_backward(ctx, grad, 7)
-        return _ops.nd_backward(ctx, grad)[:7]
+        return _ops.backward_with_ctx(ctx, _ops.nd_fwd, grad)[:7]
 
 
 class LSHLossFunction(torch.autograd.Function):
@@ -99,15 +95,13 @@ class LSHLossFunction(torch.autograd.Function):
         need_t = f_t is not None and ctx.needs_input_grad[1]
         inputs = (f_s, f_t, weight.to(f_s.dtype), None if bias is None else bias.to(f_s.dtype), sample_mask,
                   teacher_codes, mse_weight, reduction, backend, ctx.needs_input_grad[0], need_t)
-        output = _ops.call(_ops.lsh_fwd, *inputs)
-        _ops.lsh_setup_context(ctx, inputs, output)
-        return output[0]
+        return _ops.forward_with_ctx(ctx, _ops.lsh_fwd, *inputs)[0]
 
     @staticmethod
     def backward(ctx, grad):
         if not ctx.fused:
             return _reference_backward(ctx, grad, 9)
-        return _ops.lsh_backward(ctx, grad)[:9]
+        return _ops.backward_with_ctx(ctx, _ops.lsh_fwd, grad)[:9]
 
 
 class SPLossFunction(torch.autograd.Function):
@@ -122,14 +116,12 @@ class SPLossFunction(torch.autograd.Function):
         ctx.shapes = (f_s.shape, f_t.shape)
         inputs = (f_s.reshape(f_s.shape[0], -1), f_t.reshape(f_t.shape[0], -1), float(p), reduction, backend,
                   *ctx.needs_input_grad[:2])
-        output = _ops.call(_ops.sp_fwd, *inputs)
-        _ops.sp_setup_context(ctx, inputs, output)
-        return output[0]
+        return _ops.forward_with_ctx(ctx, _ops.sp_fwd, *inputs)[0]
 
     @staticmethod
     def backward(ctx, grad):
         if not ctx.fused:
             return _reference_backward(ctx, grad, 5)
-        grad_s, grad_t = _ops.sp_backward(ctx, grad)[:2]
+        grad_s, grad_t = _ops.backward_with_ctx(ctx, _ops.sp_fwd, grad)[:2]
         reshape = lambda g, shape: None if g is None else g.reshape(shape)  # noqa: E731
         return reshape(grad_s, ctx.shapes[0]), reshape(grad_t, ctx.shapes[1]), None, None, None
