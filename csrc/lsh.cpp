@@ -70,21 +70,28 @@ C10_ALWAYS_INLINE float exp_nonpos(float x) {
   return x < -88.0f ? 0.0f : p * scale;
 }
 
-// log1p(e) for e in [0, 1] (or NaN): log(u), u = 1 + e in [1, 2], by the
-// Cephes logf polynomial around 1 (u is halved above sqrt(2)), plus the
+// log1p(e) for e in [0, 1] (or NaN), given u = 1 + e and r = 1 / u: log(u) by
+// the Cephes logf polynomial around 1 (u is halved above sqrt(2)), plus the
 // rounding error of u, (e - (u - 1)) / u, so small e keep full relative accuracy.
-C10_ALWAYS_INLINE float log1p_unit(float e) {
-  const float u = 1.0f + e;
-  const bool big = u > 1.41421356237f;
-  const float m = big ? u * 0.5f : u;
-  const float k = big ? 1.0f : 0.0f;
-  const float f = m - 1.0f;
-  const float z = f * f;
-  float y = log_poly(f, z);
+// T is float or the float x 16 vector below (the gradient reuses r there: one
+// division per element).
+template <class T>
+C10_ALWAYS_INLINE T log1p_from(T e, T u, T r) {
+  const auto big = u > 1.41421356237f;
+  const T m = big ? u * 0.5f : u;
+  const T k = big ? T{} + 1.0f : T{} + 0.0f;
+  const T f = m - 1.0f;
+  const T z = f * f;
+  T y = log_poly(f, z);
   y += -2.12194440e-4f * k;
   y += -0.5f * z;
-  const float lg = f + y + 0.693359375f * k;
-  return lg + (e - (u - 1.0f)) / u;
+  const T lg = f + y + 0.693359375f * k;
+  return lg + (e - (u - 1.0f)) * r;
+}
+
+C10_ALWAYS_INLINE float log1p_unit(float e) {
+  const float u = 1.0f + e;
+  return log1p_from(e, u, 1.0f / u);
 }
 
 C10_ALWAYS_INLINE float exp_nonpos_any(float x) { return exp_nonpos(x); }
@@ -120,21 +127,6 @@ C10_ALWAYS_INLINE vf16 exp_nonpos_v(vf16 x) {
   const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
   const vf16 scale = (vf16)bits;  // a vector cast reinterprets the bits
   return under ? vsplat(0.0f) : p * scale;
-}
-
-// log1p(e) as log1p_unit above, given u = 1 + e and its reciprocal r (which
-// the gradient reuses: one division per element instead of two).
-C10_ALWAYS_INLINE vf16 log1p_unit_v(vf16 e, vf16 u, vf16 r) {
-  const vi16 big = u > 1.41421356237f;
-  const vf16 m = big ? u * 0.5f : u;
-  const vf16 k = big ? vsplat(1.0f) : vsplat(0.0f);
-  const vf16 f = m - 1.0f;
-  const vf16 z = f * f;
-  vf16 y = log_poly(f, z);
-  y += -2.12194440e-4f * k;
-  y += -0.5f * z;
-  const vf16 lg = f + y + 0.693359375f * k;
-  return lg + (e - (u - 1.0f)) * r;
 }
 
 // ---------------------------------------------------------------- fused pass
@@ -190,7 +182,7 @@ double lsh_row(A* __restrict hs, const A* __restrict ht, const uint8_t* __restri
       const vf16 e = exp_nonpos_v((h < 0.0f) ? h : -h);  // exp(-|h|); NaN stays NaN
       const vf16 u = 1.0f + e;
       const vf16 r = 1.0f / u;
-      const vf16 bce = (1.0f - y) * h - (((h < 0.0f) ? h : vsplat(0.0f)) - log1p_unit_v(e, u, r));
+      const vf16 bce = (1.0f - y) * h - (((h < 0.0f) ? h : vsplat(0.0f)) - log1p_from(e, u, r));
       if constexpr (GS) {
         const vf16 sig = (h >= 0.0f) ? r : e * r;
         vstore(hs + k, vcoef * (sig - y));

@@ -91,12 +91,15 @@ def call(op, *args):
     return _BODIES[id(op)](*args) if _direct_ok(args) else op(*args)
 
 
+def _with_setup_context(ctx, op, inputs, output):
+    _AUTOGRAD[id(op)][0](ctx, inputs, output)
+    return output
+
+
 def forward_with_ctx(ctx, op, *inputs):
     """``call(op, *inputs)`` inside an autograd.Function's forward, with the op's
     setup_context applied to that Function's ``ctx``."""
-    output = call(op, *inputs)
-    _AUTOGRAD[id(op)][0](ctx, inputs, output)
-    return output
+    return _with_setup_context(ctx, op, inputs, call(op, *inputs))
 
 
 def backward_with_ctx(ctx, op, *grads):
@@ -109,8 +112,8 @@ class _EagerAutograd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, op, *inputs):
-        ctx.op = op
-        return forward_with_ctx(ctx, op, *inputs)
+        ctx.op = op  # run() already checked that the body can run directly
+        return _with_setup_context(ctx, op, inputs, _BODIES[id(op)](*inputs))
 
     @staticmethod
     def backward(ctx, *grads):

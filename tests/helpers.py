@@ -108,3 +108,14 @@ def triton_sp_ready() -> bool:
         return True
     except Exception:  # triton missing
         return False
+
+
+def cpu_sp_ready() -> bool:
+    """Whether the C++ SP kernel is built (the extension can be missing)."""
+    import kdkernels as kdk
+
+    try:
+        kdk.sp_loss(torch.randn(2, 3), torch.randn(2, 3), backend="cpu")
+        return True
+    except (NotImplementedError, RuntimeError):
+        return False

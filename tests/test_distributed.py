@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import kdkernels as kdk
-from helpers import triton_sp_ready
+from helpers import cpu_sp_ready, triton_sp_ready
 from kdkernels import distributed as kd_dist
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -23,16 +23,8 @@ WORLD = 2
 TIMEOUT_S = 60
 
 
-def _cpu_sp_ready() -> bool:
-    try:
-        kdk.sp_loss(torch.randn(2, 3), torch.randn(2, 3), backend="cpu")
-        return True
-    except (NotImplementedError, RuntimeError):
-        return False
-
-
 # the C++ backend: skipped (not failed) until its SP kernel exists, then it runs as is
-CPU_SP = pytest.param("cpu", marks=pytest.mark.skipif(not _cpu_sp_ready(), reason="the C++ SP kernel is not built/written yet"))
+CPU_SP = pytest.param("cpu", marks=pytest.mark.skipif(not cpu_sp_ready(), reason="the C++ SP kernel is not built/written yet"))
 
 
 # --------------------------------------------------------------------------- harness

@@ -17,7 +17,7 @@ import torch
 from torch.nn.functional import normalize
 
 import kdkernels as kdk
-from helpers import triton_sp_ready
+from helpers import cpu_sp_ready, triton_sp_ready
 
 mid_level = pytest.importorskip("torchdistill.losses.mid_level", reason="torchdistill is not installed")
 registry = pytest.importorskip("torchdistill.losses.registry")
@@ -32,18 +32,10 @@ class SPKDLossL2(SPKDLoss):
         return normalize(torch.matmul(z, torch.t(z)), p=2, dim=1)
 
 
-def _cpu_sp_ready() -> bool:
-    try:
-        kdk.sp_loss(torch.randn(2, 3), torch.randn(2, 3), backend="cpu")
-        return True
-    except (NotImplementedError, RuntimeError):
-        return False
-
-
 # the fused backends run as soon as their SP kernel exists (skipped, not failed, before);
 # Triton on CPU tensors runs under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
 BACKENDS = ["reference",
-            pytest.param("cpu", marks=pytest.mark.skipif(not _cpu_sp_ready(),
+            pytest.param("cpu", marks=pytest.mark.skipif(not cpu_sp_ready(),
                                                          reason="the C++ SP kernel is not built/written yet")),
             pytest.param("triton", marks=pytest.mark.skipif(not triton_sp_ready(), reason="Triton SP cannot run here"))]
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-4, atol=1e-6)}
