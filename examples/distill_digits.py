@@ -1,23 +1,42 @@
-"""Accuracy parity of the fused kdkernels backends on real data (issue #5).
+"""Accuracy parity of the fused kdkernels backends on real data (issues #5, #11).
 
 scikit-learn's bundled digits (1,797 8x8 images, nothing downloaded), a fixed
 stratified train/test split, a teacher CNN (trained once, cached under --out)
-and a smaller student CNN. For each distillation method the student is trained
-twice from the same seed and the same data order: once with
-``backend='reference'`` (eager PyTorch) and once with the fused backend
-(``--backend``, default 'auto': the C++ kernels for CPU tensors, Triton for
-CUDA). The two runs differ only in the loss backend, so they must agree:
+and a smaller student CNN. For each distillation method and each of several
+seeds (student initialisation, data order, dropout) the student is trained
+twice: once with ``backend='reference'`` (eager PyTorch) and once with the
+fused backend (``--backend``, default 'auto': the C++ kernels for CPU tensors,
+Triton for CUDA). Parity is decided on what the kernels control:
 
-    |kdkernels_acc - reference_acc| <= 0.5 percentage points and
-    max_rel_loss_diff_50 <= 1e-3  (largest relative difference of the per-step
-    total loss over the first 50 steps)
+1. kernel accuracy along every reference run: at each of the first 50 steps and
+   every 10th step after, the distillation term and its gradient with respect
+   to every trainable parameter (student and method extras) are computed by
+   both backends on the reference run's own inputs (same batch, same dropout
+   mask, BN statistics restored); the largest relative difference of the term
+   and of the gradient (norm-wise) must be <= 1e-5. LSH's teacher bits are
+   given to both backends as the same packed codes (computed in float64) in
+   this check: the published bias (minus the median projection) puts one
+   training sample of every hash function exactly on the threshold h_t = 0,
+   where the bit is decided by the GEMM's rounding, not by the kernel;
+2. accuracy parity over the seeds: |mean fused acc - mean reference acc| <=
+   max(0.5 pp, 2 standard errors of that difference), with the standard error
+   from the per-seed spread of both sets of runs.
 
-for every method, else the script exits non-zero (1). A method whose fused
-kernel is not written yet (NotImplementedError) is reported as
-"not implemented" and also fails the run (exit 2) unless --allow-missing.
+The step-by-step difference of the two runs' total losses (the trajectories)
+is still measured, printed and plotted, but not gated: it is not a property of
+the kernels. Training is chaotic and LSH's targets are discontinuous, so a
+rounding-sized difference (another GEMM engine, summation order or CPU) can
+grow into a visible drift (seen: 3.6e-3 by step 50 for LSH on an AVX2 CPU,
+1.6e-3 at step 49 for ND in the full run, and the reference against itself
+with 1e-7 gradient noise).
+
+The script exits 1 when a method fails parity; a method whose fused kernel is
+not written yet (NotImplementedError) is reported as "not implemented" and
+also fails the run (exit 2) unless --allow-missing.
 
 Students: SGD (lr 0.02, momentum 0.9, nesterov, wd 5e-4, cosine), batch 64, 5
-epochs (--quick) or 30. Recipes (each paper's, scaled down to digits):
+epochs and 3 seeds (--quick) or 30 epochs and 5 seeds. Recipes (each paper's,
+scaled down to digits):
   lsh  CE + 6 * LSH; frozen Gaussian projection (std of the teacher classifier's
        weight), N = 4 D, bias = -median of the teacher projections over the
        training set, a Linear on the student feature (widths differ).
@@ -50,9 +69,12 @@ from torch import nn
 import kdkernels as kdk
 
 METHODS = ("lsh", "nd", "ofd", "sp")
-ACC_TOL_PP = 0.5  # percentage points
-LOSS_TOL = 1e-3  # relative, per step, first 50 steps
-LOSS_STEPS = 50
+ACC_TOL_PP = 0.5  # percentage points: the floor of the accuracy criterion
+ACC_TOL_SE = 2.0  # ... which is otherwise this many standard errors of the mean difference
+KERNEL_TOL = 1e-5  # relative: the fused term and its gradient on the reference run's inputs
+LOSS_STEPS = 50  # every one of the first LOSS_STEPS steps is checked ...
+CHECK_EVERY = 10  # ... and every CHECK_EVERY-th step after them
+SEEDS_QUICK, SEEDS_FULL = 3, 5
 SEED = 0
 # Student SGD learning rate. At 0.05 this tiny student's training is chaotic
 # (edge of stability): two runs whose losses differ by one fp32 rounding
@@ -169,7 +191,8 @@ def progress(total: int, desc: str):
     try:
         from tqdm import tqdm
 
-        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr,
+                    disable=not sys.stderr.isatty())
     except ImportError:  # pragma: no cover
         class _Null:
             def update(self, *_):
@@ -225,8 +248,12 @@ class Method(nn.Module):
         super().__init__()
         self.backend = backend
 
-    def distill(self, out_s: dict, out_t: dict, y: torch.Tensor, epoch: int) -> torch.Tensor:
+    def distill(self, out_s: dict, out_t: dict, y: torch.Tensor, epoch: int, **loss_kwargs) -> torch.Tensor:
         return out_s["logits"].new_zeros(())
+
+    def check_kwargs(self, out_t: dict) -> dict:
+        """Keyword arguments for the loss in the kernel-accuracy check (the same for both backends)."""
+        return {}
 
 
 class LSHMethod(Method):
@@ -245,8 +272,14 @@ class LSHMethod(Method):
         self.loss = kdk.LSHLoss(weight, bias, backend=backend)
         self.proj = nn.Linear(STUDENT_WIDTHS[-1], d_t)
 
-    def distill(self, out_s, out_t, y, epoch):
-        return LSH_BETA * self.loss(self.proj(out_s["feat"]), out_t["feat"])
+    def distill(self, out_s, out_t, y, epoch, **loss_kwargs):
+        return LSH_BETA * self.loss(self.proj(out_s["feat"]), out_t["feat"], **loss_kwargs)
+
+    def check_kwargs(self, out_t):
+        # The teacher bits in float64: the median bias puts samples on h_t = 0, where a
+        # float32 bit is decided by the GEMM's rounding (see the module docstring).
+        f_t = out_t["feat"].double()
+        return {"teacher_codes": kdk.lsh_codes(f_t, self.loss.weight.double(), self.loss.bias.double())}
 
 
 class NDMethod(Method):
@@ -266,7 +299,7 @@ class NDMethod(Method):
         self.proj = nn.Sequential(nn.BatchNorm1d(d_s), nn.Dropout(0.5), nn.Linear(d_s, d_t))
         self.warmup = warmup
 
-    def distill(self, out_s, out_t, y, epoch):
+    def distill(self, out_s, out_t, y, epoch, **loss_kwargs):
         kd = F.kl_div(F.log_softmax(out_s["logits"] / KD_T, 1), F.softmax(out_t["logits"] / KD_T, 1),
                       reduction="batchmean") * KD_T ** 2
         return KD_WEIGHT * min(1.0, (epoch + 1) / self.warmup) * kd + ND_WEIGHT * self.loss(
@@ -284,7 +317,7 @@ class OFDMethod(Method):
         n = len(self.losses)
         self.stage_weights = [2.0 ** -(n - 1 - i) for i in range(n)]
 
-    def distill(self, out_s, out_t, y, epoch):
+    def distill(self, out_s, out_t, y, epoch, **loss_kwargs):
         total = 0.0
         for w, conn, loss, s, t in zip(self.stage_weights, self.connectors, self.losses, out_s["pre"], out_t["pre"]):
             total = total + w * loss(conn(s), t)
@@ -298,7 +331,7 @@ class SPMethod(Method):
         super().__init__(teacher, data, backend)
         self.loss = kdk.SPLoss(backend=backend)
 
-    def distill(self, out_s, out_t, y, epoch):
+    def distill(self, out_s, out_t, y, epoch, **loss_kwargs):
         return SP_BETA * self.loss(out_s["last"], out_t["last"])
 
 
@@ -320,17 +353,18 @@ def teacher_outputs_at(out: dict, idx: torch.Tensor) -> dict:
 
 
 def train_student(data, teacher: Optional[nn.Module], method: Optional[str], backend: str, epochs: int,
-                  batch_size: int, desc: str, lr: float = STUDENT_LR, max_steps: Optional[int] = None,
-                  check_backend: Optional[str] = None) -> dict:
-    """Train a fresh student (seeded: every call starts from the same weights and
-    sees the same batches). Returns acc, per-step total losses, seconds.
+                  batch_size: int, desc: str, lr: float = STUDENT_LR, seed: int = 0,
+                  max_steps: Optional[int] = None, check_backend: Optional[str] = None) -> dict:
+    """Train a fresh student. ``seed`` fixes its initialisation, the data order and the
+    dropout stream, so two calls with the same seed differ only in the loss backend.
+    Returns acc, per-step total losses, seconds and ``checks``.
 
-    ``check_backend``: over the first LOSS_STEPS steps, also evaluate the
-    distillation term with that backend on the very same inputs (same dropout
-    mask, no backward): ``same_input_rel_diffs`` isolates the kernels' accuracy
-    from the training dynamics, which can amplify rounding differences."""
+    ``check_backend``: at the checked steps (the first LOSS_STEPS, then every
+    CHECK_EVERY-th), compare the distillation term and its parameter gradient
+    computed by ``check_backend`` and by the reference on this run's very same
+    inputs (see kernel_check); the run itself is not changed by the check."""
     x_tr, y_tr, x_te, y_te = data
-    torch.manual_seed(SEED + 1)
+    torch.manual_seed(SEED + 1 + 1000 * seed)
     student = Net(STUDENT_WIDTHS)
     extra = None
     if method is not None:
@@ -341,26 +375,25 @@ def train_student(data, teacher: Optional[nn.Module], method: Optional[str], bac
     opt, sched = make_optimizer(params, lr, steps)
     teacher_out = teacher_outputs(teacher, x_tr) if extra is not None else None
     losses: List[float] = []
-    same_input: List[Optional[float]] = []
+    checks: List[dict] = []
     bar = progress(min(steps, max_steps or steps), desc)
-    torch.manual_seed(SEED + 2)  # dropout etc.: the same stream in every run
+    torch.manual_seed(SEED + 2 + 1000 * seed)  # dropout etc.: the same stream in every run of this seed
     start = time.perf_counter()
     for epoch in range(epochs):
         student.train()
         if extra is not None:
             extra.train()
-        for idx in batches(len(x_tr), batch_size, epoch):
+        for idx in batches(len(x_tr), batch_size, epoch, seed=SEED + seed):
             x, y = x_tr[idx], y_tr[idx]
             out_s = student(x)
             loss = F.cross_entropy(out_s["logits"], y)
             if extra is not None:
                 out_t = teacher_outputs_at(teacher_out, idx)
-                rng = torch.get_rng_state()
-                term = extra.distill(out_s, out_t, y, epoch)
-                if check_backend is not None and len(same_input) < LOSS_STEPS:
-                    same_input.append(_same_input_diff(extra, check_backend, backend, rng, loss, term,
-                                                       out_s, out_t, y, epoch))
-                loss = loss + term
+                step = len(losses)
+                if check_backend is not None and (step < LOSS_STEPS or step % CHECK_EVERY == 0):
+                    checks.append(dict(step=step, **kernel_check(extra, check_backend, backend, params, loss,
+                                                                 out_s, out_t, y, epoch)))
+                loss = loss + extra.distill(out_s, out_t, y, epoch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -375,8 +408,7 @@ def train_student(data, teacher: Optional[nn.Module], method: Optional[str], bac
             break
     seconds = time.perf_counter() - start
     bar.close()
-    return {"acc": accuracy(student, x_te, y_te), "losses": losses, "seconds": seconds,
-            "same_input_rel_diffs": same_input}
+    return {"acc": accuracy(student, x_te, y_te), "losses": losses, "seconds": seconds, "checks": checks}
 
 
 def _set_loss_backend(extra: nn.Module, backend: str) -> None:
@@ -385,71 +417,181 @@ def _set_loss_backend(extra: nn.Module, backend: str) -> None:
             m.backend = backend
 
 
-@torch.no_grad()
-def _same_input_diff(extra, check_backend, backend, rng, ce, term, out_s, out_t, y, epoch) -> Optional[float]:
-    """Relative difference of the total loss when the distillation term runs on ``check_backend``
-    with the same inputs and dropout mask; the RNG stream is left as the main computation left it."""
-    after = torch.get_rng_state()
-    torch.set_rng_state(rng)
-    _set_loss_backend(extra, check_backend)
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| (inf when either is not finite)."""
+    a, b = a.double(), b.double()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return float("inf")
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def kernel_check(extra: nn.Module, fused: str, run_backend: str, params: List[nn.Parameter],
+                 ce: torch.Tensor, out_s: dict, out_t: dict, y: torch.Tensor, epoch: int) -> dict:
+    """The distillation term and its gradient w.r.t. ``params``, computed by the ``fused``
+    backend and by the reference on the same inputs (same dropout mask, BN statistics
+    restored, for LSH the same teacher bits).
+
+    Returns the relative differences from the reference of the term (``term``), of
+    the flattened gradient (``grad``, norm-wise) and of the total loss CE + term
+    (``total``); ``None`` values when the fused kernel is not written
+    (NotImplementedError). Leaves the RNG stream, every buffer of ``extra`` and its
+    losses' backend (``run_backend``) as they were."""
+    rng = torch.get_rng_state()
+    buffers = [b.clone() for b in extra.buffers()]
+    kwargs = extra.check_kwargs(out_t)
+    results = {}
     try:
-        other = extra.distill(out_s, out_t, y, epoch)
+        for name in ("reference", fused):
+            torch.set_rng_state(rng)
+            _set_loss_backend(extra, name)
+            term = extra.distill(out_s, out_t, y, epoch, **kwargs)
+            grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                              for g, p in zip(grads, params)])
+            results[name] = (term.detach(), flat)
+            for b, saved in zip(extra.buffers(), buffers):
+                b.copy_(saved)
     except NotImplementedError:
-        return None
+        return {"term": None, "grad": None, "total": None}
     finally:
-        _set_loss_backend(extra, backend)
-        torch.set_rng_state(after)
-    a, b = float(ce + term), float(ce + other)
-    return abs(a - b) / max(abs(a), 1e-12)
+        _set_loss_backend(extra, run_backend)
+        torch.set_rng_state(rng)
+    (t_ref, g_ref), (t_kdk, g_kdk) = results["reference"], results[fused]
+    return {"term": _rel(t_kdk, t_ref), "grad": _rel(g_kdk, g_ref),
+            "total": _rel(ce.detach() + t_kdk, ce.detach() + t_ref)}
+
+
+def rel_diffs(a: List[float], b: List[float]) -> List[float]:
+    """Per-step |a - b| / |a| of two loss trajectories (inf where either is not finite)."""
+    return [abs(x - y) / max(abs(x), 1e-12) if math.isfinite(x) and math.isfinite(y) else float("inf")
+            for x, y in zip(a, b)]
 
 
 def max_rel_diff(a: List[float], b: List[float], steps: int = LOSS_STEPS) -> float:
-    n = min(steps, len(a), len(b))
-    worst = 0.0
-    for x, y in zip(a[:n], b[:n]):
-        if not (math.isfinite(x) and math.isfinite(y)):
-            return float("inf")
-        worst = max(worst, abs(x - y) / max(abs(x), 1e-12))
-    return worst
+    return max(rel_diffs(a[:steps], b[:steps]), default=0.0)
+
+
+def mean_sd(values: List[float]):
+    """Mean and sample standard deviation (0 for a single value)."""
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def accuracy_tolerance(ref_accs: List[float], kdk_accs: List[float]) -> float:
+    """max(ACC_TOL_PP, ACC_TOL_SE standard errors of the difference of the two means)."""
+    n = len(ref_accs)
+    se = math.sqrt((mean_sd(ref_accs)[1] ** 2 + mean_sd(kdk_accs)[1] ** 2) / n)
+    return max(ACC_TOL_PP, ACC_TOL_SE * se)
+
+
+def worst(checks: List[dict], key: str) -> Optional[float]:
+    vals = [c[key] for c in checks if c[key] is not None]
+    return max(vals) if vals else None
+
+
+# --------------------------------------------------------------------------- one method
+def compare_method(name: str, data, teacher, fused: str, epochs: int, batch_size: int, lr: float,
+                   seeds: int) -> dict:
+    """Reference and fused runs of one method over ``seeds`` seeds; the entry for results.json
+    (with ``curves`` for the plots, removed before saving)."""
+    ref_runs, kdk_runs, checks = [], [], []
+    entry = {"backend": fused, "seeds": seeds}
+    for seed in range(seeds):
+        ref = train_student(data, teacher, name, "reference", epochs, batch_size, f"{name} reference s{seed}", lr,
+                            seed=seed, check_backend=fused)
+        ref_runs.append(ref)
+        checks += [dict(c, seed=seed) for c in ref["checks"]]
+        if any(c["term"] is None for c in ref["checks"]):
+            break
+        kdk_runs.append(train_student(data, teacher, name, fused, epochs, batch_size, f"{name} {fused} s{seed}",
+                                      lr, seed=seed))
+    ref_accs = [r["acc"] for r in ref_runs]
+    entry.update(reference_accs=ref_accs, reference_acc=mean_sd(ref_accs)[0], reference_acc_sd=mean_sd(ref_accs)[1],
+                 seconds_reference=sum(r["seconds"] for r in ref_runs),
+                 curves={"reference": ref_runs[0]["losses"]})
+    if len(kdk_runs) < seeds:
+        entry.update(status="not implemented", kdkernels_acc=None, kdkernels_accs=[], max_rel_loss_diff_50=None,
+                     max_rel_loss_diff_same_inputs_50=None, seconds_kdkernels=None, kernel_check=None,
+                     error=f"backend {fused!r} raised NotImplementedError for {name}")
+        return entry
+    kdk_accs = [r["acc"] for r in kdk_runs]
+    early = [c for c in checks if c["step"] < LOSS_STEPS]
+    kernel = {"steps_checked": len(checks), "max_rel_term_diff": worst(checks, "term"),
+              "max_rel_grad_diff": worst(checks, "grad"), "tolerance": KERNEL_TOL,
+              "worst_grad_step": max(checks, key=lambda c: c["grad"])["step"] if checks else None}
+    trajectories = [max_rel_diff(r["losses"], k["losses"]) for r, k in zip(ref_runs, kdk_runs)]
+    acc_diff = mean_sd(kdk_accs)[0] - mean_sd(ref_accs)[0]
+    acc_tol = accuracy_tolerance(ref_accs, kdk_accs)
+    kernel_ok = all(c["term"] <= KERNEL_TOL and c["grad"] <= KERNEL_TOL for c in checks)
+    acc_ok = abs(acc_diff) <= acc_tol + 1e-9
+    entry.update(kdkernels_accs=kdk_accs, kdkernels_acc=mean_sd(kdk_accs)[0], kdkernels_acc_sd=mean_sd(kdk_accs)[1],
+                 acc_diff_pp=acc_diff, acc_tol_pp=acc_tol, kernel_check=kernel,
+                 max_rel_loss_diff_same_inputs_50=worst(early, "total"),
+                 max_rel_loss_diff_50=max(trajectories), max_rel_loss_diff_50_per_seed=trajectories,
+                 seconds_kdkernels=sum(k["seconds"] for k in kdk_runs),
+                 status="ok" if kernel_ok and acc_ok else "parity failed",
+                 failed=[what for what, ok in (("kernel accuracy", kernel_ok), ("accuracy", acc_ok)) if not ok])
+    entry["curves"].update(kdkernels=kdk_runs[0]["losses"],
+                           trajectory=[rel_diffs(r["losses"], k["losses"]) for r, k in zip(ref_runs, kdk_runs)],
+                           checks=checks)
+    return entry
 
 
 # --------------------------------------------------------------------------- plots
 def plot(out: str, results: dict, curves: Dict[str, dict]) -> None:
+    """loss_curves.png: per method the total loss of seed 0 (top) and, below, the trajectory
+    difference per seed (not gated) with the kernel-accuracy checks (gated at KERNEL_TOL);
+    accuracy.png: mean test accuracy per method and backend, with the seeds' spread."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(curves)
-    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4.2 * max(1, len(names)), 3.4), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        ref, fused = curves[name].get("reference"), curves[name].get("kdkernels")
-        if ref:
-            ax.plot(ref, label="reference", lw=2.2, alpha=0.6)
-        if fused:
-            ax.plot(fused, label="kdkernels", lw=1.0, ls="--")
-        ax.set_title(f"{name}: total loss per step")
-        ax.set_xlabel("step")
-        ax.set_yscale("log")
-        ax.legend()
+    cols = max(1, len(names))
+    fig, axes = plt.subplots(2, cols, figsize=(4.2 * cols, 6.4), squeeze=False)
+    for col, name in enumerate(names):
+        top, bottom = axes[0][col], axes[1][col]
+        c = curves[name]
+        top.plot(c["reference"], label="reference", lw=2.2, alpha=0.6)
+        if c.get("kdkernels"):
+            top.plot(c["kdkernels"], label="kdkernels", lw=1.0, ls="--")
+        top.set_title(f"{name}: total loss per step (seed 0)")
+        top.set_yscale("log")
+        top.legend()
+        for seed, diffs in enumerate(c.get("trajectory", [])):
+            bottom.plot([max(d, 1e-10) for d in diffs], lw=0.8, alpha=0.7,
+                        label="trajectories (not gated)" if seed == 0 else None)
+        checks = c.get("checks", [])
+        for key, marker in (("term", "o"), ("grad", "x")):
+            pts = [(ch["step"], max(ch[key], 1e-10)) for ch in checks if ch[key] is not None]
+            if pts:
+                bottom.scatter(*zip(*pts), s=6, marker=marker, label=f"kernel check: {key}")
+        bottom.axhline(KERNEL_TOL, color="r", lw=0.8, ls=":", label=f"gate {KERNEL_TOL:g}")
+        bottom.set_yscale("log")
+        bottom.set_xlabel("step")
+        bottom.set_title(f"{name}: relative difference")
+        bottom.legend(fontsize=6)
     if not names:
         axes[0][0].set_axis_off()
+        axes[1][0].set_axis_off()
     fig.tight_layout()
     fig.savefig(os.path.join(out, "loss_curves.png"), dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 4.5, 3.6))
     xs = np.arange(len(names))
-    ref = [results["methods"][n].get("reference_acc") or 0.0 for n in names]
-    fused = [results["methods"][n].get("kdkernels_acc") or 0.0 for n in names]
-    ax.bar(xs - 0.2, ref, 0.4, label="reference")
-    ax.bar(xs + 0.2, fused, 0.4, label="kdkernels")
+    methods = results["methods"]
+    for shift, key, label in ((-0.2, "reference", "reference"), (0.2, "kdkernels", "kdkernels")):
+        means = [methods[n].get(f"{key}_acc") or 0.0 for n in names]
+        sds = [methods[n].get(f"{key}_acc_sd") or 0.0 for n in names]
+        ax.bar(xs + shift, means, 0.4, yerr=sds, capsize=3, label=f"{label} (mean, sd over seeds)")
     ax.axhline(results["teacher_acc"], color="k", ls="--", lw=1, label="teacher")
     ax.axhline(results["student_acc"], color="gray", ls=":", lw=1, label="student (CE only)")
     ax.set_xticks(xs, names)
     ax.set_ylabel("test accuracy (%)")
-    lo = min([results["student_acc"]] + [v for v in ref + fused if v > 0]) - 3
-    ax.set_ylim(max(0, lo), 100)
+    accs = [a for n in names for a in methods[n].get("reference_accs", []) + methods[n].get("kdkernels_accs", [])]
+    ax.set_ylim(max(0, min([results["student_acc"]] + accs) - 3), 100)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "accuracy.png"), dpi=110)
@@ -465,16 +607,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out/digits", help="output folder (results.json, plots, teacher cache)")
-    ap.add_argument("--quick", action="store_true", help="few epochs (< 2 min on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="few epochs and seeds (< 2 min on 2 cores)")
     ap.add_argument("--backend", default="auto", choices=["auto", "cpu", "triton", "reference"],
                     help="the fused backend compared with 'reference' (default auto)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--device", default="cpu", help="torch device (cpu or cuda)")
     ap.add_argument("--epochs", type=int, default=None, help="student epochs (default 5 quick, 30 full)")
+    ap.add_argument("--seeds", type=int, default=None,
+                    help=f"seeds per method (default {SEEDS_QUICK} quick, {SEEDS_FULL} full)")
     ap.add_argument("--lr", type=float, default=STUDENT_LR, help=f"student learning rate (default {STUDENT_LR})")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads (default 1: these models are tiny, and on a busy machine spinning "
+                         "worker threads cost more than they save)")
     ap.add_argument("--allow-missing", action="store_true",
                     help="a fused kernel that is not written yet (NotImplementedError) is reported, not a failure")
     args = ap.parse_args(argv)
+    seeds = args.seeds or (SEEDS_QUICK if args.quick else SEEDS_FULL)
+    if seeds < 1:
+        ap.error(f"--seeds: expected at least 1, got {seeds}")
+    if args.threads < 1:
+        ap.error(f"--threads: expected at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
 
     os.makedirs(args.out, exist_ok=True)
     device = torch.device(args.device)
@@ -496,58 +649,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     base = train_student(data, None, None, "reference", epochs, batch_size, "student (CE)", args.lr)
     results = {"teacher_acc": teacher_acc, "student_acc": base["acc"], "methods": {},
                "config": {"quick": args.quick, "backend": args.backend, "epochs": epochs, "batch_size": batch_size,
-                          "lr": args.lr,
+                          "lr": args.lr, "seeds": seeds,
                           "teacher_epochs": teacher_epochs, "device": str(device), "threads": torch.get_num_threads(),
-                          "torch": torch.__version__, "acc_tol_pp": ACC_TOL_PP, "loss_tol": LOSS_TOL,
-                          "loss_steps": LOSS_STEPS, "train_size": len(data[0]), "test_size": len(data[2])}}
+                          "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                          "kdkernels_gemm": os.environ.get("KDKERNELS_GEMM", ""),
+                          "acc_tol_pp": ACC_TOL_PP, "acc_tol_se": ACC_TOL_SE, "kernel_tol": KERNEL_TOL,
+                          "loss_steps": LOSS_STEPS, "check_every": CHECK_EVERY,
+                          "train_size": len(data[0]), "test_size": len(data[2])}}
     curves: Dict[str, dict] = {}
     failed, missing = [], []
     for name in args.methods:
-        ref = train_student(data, teacher, name, "reference", epochs, batch_size, f"{name} reference", args.lr,
-                            check_backend=args.backend)
-        same = [d for d in ref["same_input_rel_diffs"] if d is not None]
-        entry = {"reference_acc": ref["acc"], "kdkernels_acc": None, "max_rel_loss_diff_50": None,
-                 "max_rel_loss_diff_same_inputs_50": max(same) if same else None,
-                 "seconds_reference": ref["seconds"], "seconds_kdkernels": None, "backend": args.backend}
-        curves[name] = {"reference": ref["losses"]}
-        try:
-            fused = train_student(data, teacher, name, args.backend, epochs, batch_size, f"{name} {args.backend}",
-                                  args.lr)
-        except NotImplementedError as exc:
-            entry.update(status="not implemented", error=str(exc).splitlines()[0])
-            missing.append(name)
-        else:
-            diff = max_rel_diff(ref["losses"], fused["losses"])
-            acc_diff = abs(fused["acc"] - ref["acc"])
-            ok = acc_diff <= ACC_TOL_PP + 1e-9 and diff <= LOSS_TOL
-            entry.update(kdkernels_acc=fused["acc"], max_rel_loss_diff_50=diff, seconds_kdkernels=fused["seconds"],
-                         acc_diff_pp=acc_diff, status="ok" if ok else "parity failed")
-            curves[name]["kdkernels"] = fused["losses"]
-            if not ok:
-                failed.append(name)
+        entry = compare_method(name, data, teacher, args.backend, epochs, batch_size, args.lr, seeds)
+        curves[name] = entry.pop("curves")
         results["methods"][name] = entry
+        if entry["status"] == "not implemented":
+            missing.append(name)
+        elif entry["status"] != "ok":
+            failed.append(name)
     results["passed"] = not failed and (not missing or args.allow_missing)
     results["seconds_total"] = time.perf_counter() - t0
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     plot(args.out, results, curves)
-
-    print(f"digits: teacher {teacher_acc:.2f}%  student (CE only) {base['acc']:.2f}%  "
-          f"[{len(data[0])} train / {len(data[2])} test, {epochs} epochs, fused backend {args.backend!r}, "
-          f"{torch.get_num_threads()} threads]")
-    head = f"{'method':<7}{'ref acc':>9}{'kdk acc':>9}{'|diff| pp':>10}{'max rel loss diff (50)':>24}" \
-           f"{'same inputs (50)':>18}{'s ref':>8}{'s kdk':>8}  status"
-    print(head)
-    print("-" * len(head))
-    for name, e in results["methods"].items():
-        print(f"{name:<7}{fmt(e['reference_acc']):>9}{fmt(e['kdkernels_acc']):>9}{fmt(e.get('acc_diff_pp')):>10}"
-              f"{fmt(e['max_rel_loss_diff_50'], '.2e'):>24}{fmt(e['max_rel_loss_diff_same_inputs_50'], '.2e'):>18}"
-              f"{fmt(e['seconds_reference'], '.1f'):>8}"
-              f"{fmt(e['seconds_kdkernels'], '.1f'):>8}  {e['status']}")
-    print(f"criteria: |acc diff| <= {ACC_TOL_PP} pp and max rel loss diff over {LOSS_STEPS} steps <= {LOSS_TOL:g}; "
-          f"total {results['seconds_total']:.1f}s; results in {args.out}")
-    print("same inputs (50): the fused loss on the reference run's own inputs, step by step (kernel accuracy "
-          "alone; the run-to-run diff adds what the training dynamics amplify)")
+    print_table(results, args, epochs, seeds, len(data[0]), len(data[2]))
     if failed:
         print(f"FAILED parity: {', '.join(failed)}", file=sys.stderr)
         return 1
@@ -556,6 +680,30 @@ def main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr)
         return 2
     return 0
+
+
+def print_table(results: dict, args, epochs: int, seeds: int, n_train: int, n_test: int) -> None:
+    print(f"digits: teacher {results['teacher_acc']:.2f}%  student (CE only) {results['student_acc']:.2f}%  "
+          f"[{n_train} train / {n_test} test, {epochs} epochs, {seeds} seeds, fused backend {args.backend!r}, "
+          f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}]")
+    head = (f"{'method':<7}{'ref acc (sd)':>14}{'kdk acc (sd)':>14}{'diff pp':>9}{'tol pp':>8}"
+            f"{'kernel: term':>14}{'grad':>10}{'trajectory (50)':>17}{'s ref':>8}{'s kdk':>8}  status")
+    print(head)
+    print("-" * len(head))
+    for name, e in results["methods"].items():
+        k = e.get("kernel_check") or {}
+        ref = f"{fmt(e['reference_acc'])} ({fmt(e.get('reference_acc_sd'))})"
+        kdk_ = f"{fmt(e['kdkernels_acc'])} ({fmt(e.get('kdkernels_acc_sd'))})" if e["kdkernels_acc"] is not None else "-"
+        print(f"{name:<7}{ref:>14}{kdk_:>14}{fmt(e.get('acc_diff_pp'), '+.2f'):>9}{fmt(e.get('acc_tol_pp')):>8}"
+              f"{fmt(k.get('max_rel_term_diff'), '.2e'):>14}{fmt(k.get('max_rel_grad_diff'), '.2e'):>10}"
+              f"{fmt(e['max_rel_loss_diff_50'], '.2e'):>17}{fmt(e['seconds_reference'], '.1f'):>8}"
+              f"{fmt(e['seconds_kdkernels'], '.1f'):>8}  {e['status']}")
+    print(f"criteria: kernel (the fused term and its parameter gradient on the reference runs' own inputs, "
+          f"steps < {LOSS_STEPS} and every {CHECK_EVERY}th) <= {KERNEL_TOL:g} relative; "
+          f"|mean acc diff| <= max({ACC_TOL_PP} pp, {ACC_TOL_SE:g} standard errors) over {seeds} seeds; "
+          f"total {results['seconds_total']:.1f}s; results in {args.out}")
+    print(f"trajectory (50): largest relative difference of the two runs' total losses over the first "
+          f"{LOSS_STEPS} steps, worst seed; measured, not gated (chaotic training amplifies rounding)")
 
 
 if __name__ == "__main__":
