@@ -256,12 +256,14 @@ def _lsh_bias_worker(rank, world):
         got32 = kdk.lsh_bias_from_teacher(weight.float(), [c.float() for c in chunks])
         assert got32.dtype == torch.float32
         torch.testing.assert_close(got32, want.float(), rtol=0, atol=0)
-    # random float data: the same as the single-process helper on all the rows
+    # random float data: the single-process helper on all the rows, to rounding. Not bit for bit:
+    # a rank's [9, 8] or [4, 8] GEMM may round a row differently from the [13, 8] one (the BLAS
+    # picks its kernel by shape and CPU); exactness is what the integer-valued cases above prove.
     weight = kdk.lsh_weight(40, 8, 0.06, generator=torch.Generator().manual_seed(0))
     feats = torch.randn(13, 8)
     single = torch.cat([kdk.lsh_bias_from_teacher(weight[i: i + 8], [feats]) for i in range(0, 40, 8)])
     got = kdk.lsh_bias_from_teacher(weight, [_split(feats, (9, 4), rank)], max_block_elements=8 * 9)
-    torch.testing.assert_close(got, single, rtol=0, atol=0)
+    torch.testing.assert_close(got, single, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(got, -(feats @ weight.T).median(0).values, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="features_iterable: gave no features"):
         kdk.lsh_bias_from_teacher(weight, [])
