@@ -81,6 +81,10 @@ class FeatureTaps:
             raise ValueError(f"names: expected a non-empty list of module paths (str), got {names!r}")
         if len(set(names)) != len(names):
             raise ValueError(f"names: each module path once, got {names!r}")
+        if isinstance(model, nn.DataParallel) and len(model.device_ids) > 1:
+            raise ValueError(f"model: DataParallel over {len(model.device_ids)} devices runs the hooks in one thread "
+                             f"per replica, each on a shard of the batch; tap the model under "
+                             f"DistributedDataParallel (one process per device) instead")
         self.model, self.pre_relu, self.detach = model, bool(pre_relu), bool(detach)
         self._targets = {name: _resolve(model, name) for name in names}
         self._relus = [m for m in _unwrap(model).modules() if isinstance(m, RELU_TYPES)] if pre_relu else []
@@ -188,19 +192,22 @@ class FeatureTaps:
         self._entered.setdefault(name, []).append(self._calls)
 
     def _target_post(self, name: str, output) -> None:
-        value = output
         if self.pre_relu:
             self._active -= 1
             entered = self._entered[name].pop()
+        if output is None:  # the module raised (this hook runs anyway, to keep the counts right)
+            return
+        if not isinstance(output, Tensor):
+            raise TypeError(f"FeatureTaps: module {name!r} returned {type(output).__name__}, not a Tensor; "
+                            f"tap a submodule that returns a tensor")
+        value = output
+        if self.pre_relu:
             last = self._last_relu
             if last is not None and last[0] > entered and last[2] is output:
-                value = last[1]
-            elif isinstance(output, Tensor):
+                value = last[1]  # M returns that ReLU call's output: capture its input
+            else:
                 self._check_not_post_relu(name, output, last, entered)
-                self._pending.append(output)
-        if not isinstance(value, Tensor):
-            raise TypeError(f"FeatureTaps: module {name!r} returned {type(value).__name__}, not a Tensor; "
-                            f"tap a submodule that returns a tensor")
+                self._pending.append(output)  # a later in-place ReLU must not overwrite it
         if self.detach:
             value = value.detach()  # shares the version counter, so the in-place check still sees changes
         self._features[name] = value
