@@ -101,7 +101,8 @@ class Net(nn.Module):
 
     def __init__(self, widths):
         super().__init__()
-        self.conv1, self.bn1, self.relu = nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
+        self.conv1, self.bn1 = nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
         cin = widths[0]
         for i, w in enumerate(widths):
             setattr(self, f"layer{i + 1}", nn.Sequential(Block(cin, w, 1 if i == 0 else 2), Block(w, w, 1)))
@@ -215,7 +216,8 @@ def main(argv=None):
     s_emb, t_emb = s_io["proj"]["output"], t_io["avgpool"]["output"]
     plain = plain + kdk.nd_loss(s_emb, t_emb, nd.centers, y_train[:64], backend=args.backend)
     plain = plain + 6.0 * kdk.lsh_loss(s_emb, t_emb, lsh.weight, lsh.bias, backend=args.backend)
-    plain = plain + 100.0 * kdk.sp_loss(s_io["layer3"]["output"], t_io["layer3"]["output"], p=args.p, backend=args.backend)
+    plain = plain + 100.0 * kdk.sp_loss(s_io["layer3"]["output"], t_io["layer3"]["output"], p=args.p,
+                                        backend=args.backend)
     print(f"criterion on one batch: torchdistill {total.item():.6g}, plain kdkernels {plain.item():.6g}")
     spkd = get_mid_level_loss({"key": "SPKDLoss", "kwargs": {
         "student_output_path": "layer3", "teacher_output_path": "layer3", "reduction": "batchmean"}})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import weakref
 
 import pytest
 import torch
@@ -281,7 +282,11 @@ def test_no_leak_across_steps_and_detach():
             torch.testing.assert_close(second["layer1"], model.layer1(torch.relu(model.bn1(model.conv1(_x(seed=2))))))
         model.layer2(second["layer1"])  # a submodule run on its own does not start a new step
         assert set(taps.features) == {"layer1", "fc"}
-        model.fc.register_forward_pre_hook(lambda m, a: None)  # unrelated hooks coexist
+        # the taps hold no reference to an earlier step's tensors
+        gone = weakref.ref(second["fc"])
+        del second
+        model(_x(seed=3))
+        assert gone() is None
     assert set(taps.pop()) == {"layer1", "fc"} and taps.features == {}
     attached = FeatureTaps(model, ["layer1"])
     with attached:
@@ -358,7 +363,8 @@ def test_under_torch_compile():
     names = [n for n, _ in ofd_points(model)]
     taps = FeatureTaps(model, names, pre_relu=True)
     results = []
-    for runner in (model, torch.compile(model, backend="aot_eager")):
+    compiled = torch.compile(model, backend="aot_eager")
+    for runner in (model, compiled):
         model.zero_grad()
         with taps:
             logits = runner(x)
@@ -373,10 +379,6 @@ def test_under_torch_compile():
     for a, b in zip(g1, g2):
         torch.testing.assert_close(b, a)
     # after stop(), the compiled model captures nothing
-    compiled = torch.compile(model, backend="aot_eager")
-    with taps:
-        compiled(x)
-    taps.stop()
     taps.clear()
     compiled(x)
     assert taps.features == {}
@@ -423,9 +425,10 @@ def _ddp_worker(rank, world):
     F.cross_entropy(want, y).backward()
     for a, b in zip(plain.parameters(), tapped.parameters()):
         assert torch.equal(a.grad, b.grad)  # DDP's all-reduce saw the same gradients
-    with torch.no_grad():
-        manual = _manual_resnet_points(copy.deepcopy(model).eval().train(), x)
-    assert f["module." + names[0]].shape == manual[0].shape and f[names[1]].shape == manual[1].shape
+    with torch.no_grad():  # train mode: batch statistics, so the same values as the tapped forward
+        manual = _manual_resnet_points(copy.deepcopy(model), x)
+    torch.testing.assert_close(f["module." + names[0]].detach(), manual[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(f[names[1]].detach(), manual[1], rtol=0, atol=1e-6)
 
 
 def test_under_ddp(tmp_path):
@@ -462,7 +465,8 @@ def _distill(backend, steps=4):
     with torch.no_grad():  # the teacher constants, in one pass
         means = kdk.ClassMeans(10, 32)
         means.update(teacher.embed(x), y)
-        lsh_w = kdk.lsh_weight(4 * 32, 32, std=teacher.fc.weight.std().item(), generator=torch.Generator().manual_seed(3))
+        lsh_w = kdk.lsh_weight(4 * 32, 32, std=teacher.fc.weight.std().item(),
+                               generator=torch.Generator().manual_seed(3))
         lsh_b = kdk.lsh_bias_from_teacher(lsh_w, [teacher.embed(x)])
     ofd = [kdk.OFDLoss(m, backend=backend) for m in margins]
     nd, lsh = kdk.NDLoss(means.compute(), backend=backend), kdk.LSHLoss(lsh_w, lsh_b, backend=backend)

@@ -126,8 +126,8 @@ def test_torchdistill_example_runs(capsys):
     old = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny convolutions
     try:
-        acc = _load_example("torchdistill_losses").main(["--backend", "reference", "--epochs", "1", "--teacher-epochs", "1",
-                                                             "--p", "1"])
+        acc = _load_example("torchdistill_losses").main(
+            ["--backend", "reference", "--epochs", "1", "--teacher-epochs", "1", "--p", "1"])
     finally:
         torch.set_num_threads(old)
     out = capsys.readouterr().out

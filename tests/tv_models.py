@@ -118,7 +118,8 @@ class WRNBlock(nn.Module):
 class NetworkBlock(nn.Module):
     def __init__(self, n, cin, cout, stride):
         super().__init__()
-        self.layer = nn.Sequential(*[WRNBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)])
+        self.layer = nn.Sequential(*[WRNBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1)
+                                     for i in range(n)])
 
     def forward(self, x):
         return self.layer(x)

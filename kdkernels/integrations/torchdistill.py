@@ -40,7 +40,8 @@ def _tensor(name: str, value) -> Tensor:
     if isinstance(value, (str, os.PathLike)):
         value = torch.load(value, map_location="cpu", weights_only=True)
         if not isinstance(value, Tensor):
-            raise TypeError(f"{name}: the file must hold one tensor (torch.save(tensor, path)), got {type(value).__name__}")
+            raise TypeError(f"{name}: the file must hold one tensor (torch.save(tensor, path)), "
+                            f"got {type(value).__name__}")
         return value
     if isinstance(value, (list, tuple)):
         return torch.tensor(value, dtype=torch.float32)
