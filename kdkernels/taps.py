@@ -25,7 +25,8 @@ gradients are the same as without taps. A model that relies on the side effect o
 an in-place ReLU module whose result it discards (``self.relu(x); return x``) is
 reported with a RuntimeError. Any other in-place change of a captured tensor (a
 functional ``F.relu_``, ``x += y``) is detected from the tensor's version counter
-when the features are read, and raises rather than returning a changed value.
+when the features are read, and raises rather than returning a changed value (not under
+``torch.inference_mode``, whose tensors have no version counter, nor inside compiled code).
 """
 from __future__ import annotations
 
@@ -211,7 +212,7 @@ class FeatureTaps:
         if self.detach:
             value = value.detach()  # shares the version counter, so the in-place check still sees changes
         self._features[name] = value
-        if not torch.compiler.is_compiling():
+        if not (torch.compiler.is_compiling() or value.is_inference()):  # inference tensors have no version
             self._versions[name] = value._version
 
     def _check_not_post_relu(self, name: str, output: Tensor, last, entered: int) -> None:
@@ -219,6 +220,8 @@ class FeatureTaps:
             raise RuntimeError(f"FeatureTaps: module {name!r} returned the input of its in-place ReLU call and "
                                f"discarded that call's result (self.relu(x); return x): the taps run that ReLU "
                                f"out of place, which such a model cannot tolerate; assign the ReLU's result")
+        if torch.compiler.is_compiling():  # Dynamo cannot trace grad_fn
+            return
         if output.grad_fn is not None and type(output.grad_fn).__name__ in _RELU_GRAD_FNS:
             raise RuntimeError(f"FeatureTaps(pre_relu=True): the output of {name!r} comes from a functional "
                                f"relu (F.relu / torch.relu), which hooks cannot see past; tap the module whose "

@@ -77,9 +77,9 @@ def test_resnet_pre_relu_points_match_manual_forward(block):
     assert all(bn is getattr(model.get_submodule(n), last_bn) for n, bn in points)
     with torch.no_grad():
         want = _manual_resnet_points(model, x)
-        with FeatureTaps(model, [n for n, _ in points], pre_relu=True) as taps:
-            model(x)
-            got = taps.features
+    with torch.inference_mode(), FeatureTaps(model, [n for n, _ in points], pre_relu=True) as taps:
+        model(x)
+        got = taps.features
     for (name, _), w in zip(points, want):
         assert (w < 0).any(), "a pre-ReLU point with no negative value could not tell pre from post ReLU"
         torch.testing.assert_close(got[name], w, rtol=0, atol=1e-6)
@@ -146,11 +146,13 @@ def test_mobilenetv2_points(final_conv):
             h = m(h)
         want.append(model.features[10][1](model.features[10][0](model.features[9](model.features[8](
             model.features[7](model.features[:7](x)))))) if final_conv else model.features(x))
-        with FeatureTaps(model, [n for n, _ in points], pre_relu=True) as taps:
+        with FeatureTaps(model, [n for n, _ in points] + ["features.4.conv.0"], pre_relu=True) as taps:
             model(x)
             got = taps.features
     for (name, _), w in zip(points, want):
         torch.testing.assert_close(got[name], w, rtol=0, atol=1e-5)
+    # the conv-BN-ReLU6 Sequential ends with its ReLU6 call: its input is the BN output
+    assert torch.equal(got["features.4.conv.0"], got["features.4.conv.0.1"])
     margins = [kdk.ofd_margin_from_bn(bn) for _, bn in points]
     assert [m.shape[0] for m in margins] == [72, 96, 144, 64 if final_conv else 32]
 
@@ -350,21 +352,21 @@ def test_dataparallel_prefix_names():
 
 
 # --------------------------------------------------------------------------- torch.compile
-def test_under_torch_compile():
-    """Taps started before the compiled model's first call are traced into its graph: same
-    features, outputs and gradients as eager. torch.compile does not guard on module hooks by
-    default, so taps started after that first call are not seen (KeyError saying so) unless
-    torch._dynamo.config.skip_nnmodule_hook_guards is False."""
+@pytest.mark.parametrize("arch", ["resnet", "wrn"])  # ReLU-input captures / BN-output captures
+def test_under_torch_compile_fullgraph(arch):
+    """Taps started before the compiled model's first call are traced into its graph, with no graph
+    break: the same features, outputs and gradients as eager."""
     import torch._dynamo
 
     torch._dynamo.reset()
-    model = _resnet(layers=(1, 1)).train()
-    x, y = _x(), torch.arange(4)
+    torch.manual_seed(0)
+    model, x = (_resnet(layers=(1, 1)), _x()) if arch == "resnet" else (WideResNet(), _x(size=8))
+    model.train()
+    y = torch.arange(4)
     names = [n for n, _ in ofd_points(model)]
     taps = FeatureTaps(model, names, pre_relu=True)
     results = []
-    compiled = torch.compile(model, backend="aot_eager")
-    for runner in (model, compiled):
+    for runner in (model, torch.compile(model, backend="aot_eager", fullgraph=True)):
         model.zero_grad()
         with taps:
             logits = runner(x)
@@ -378,7 +380,26 @@ def test_under_torch_compile():
         torch.testing.assert_close(f2[n], f1[n])
     for a, b in zip(g1, g2):
         torch.testing.assert_close(b, a)
-    # after stop(), the compiled model captures nothing
+    assert all(m.inplace for m in model.modules() if isinstance(m, (nn.ReLU, nn.ReLU6)))
+    torch._dynamo.reset()
+
+
+def test_torch_compile_start_stop():
+    """torch.compile does not guard on module hooks by default, so taps started after the
+    compiled model's first call are not seen (a KeyError says so) unless
+    torch._dynamo.config.skip_nnmodule_hook_guards is False; after stop() the compiled model
+    captures nothing."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = _resnet(layers=(1, 1)).eval()
+    x = _x()
+    names = [n for n, _ in ofd_points(model)]
+    taps = FeatureTaps(model, names, pre_relu=True)
+    compiled = torch.compile(model, backend="aot_eager")
+    with taps:
+        compiled(x)
+        assert set(taps.features) == set(names)
     taps.clear()
     compiled(x)
     assert taps.features == {}
