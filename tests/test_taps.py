@@ -352,21 +352,19 @@ def test_dataparallel_prefix_names():
 
 
 # --------------------------------------------------------------------------- torch.compile
-@pytest.mark.parametrize("arch", ["resnet", "wrn"])  # ReLU-input captures / BN-output captures
-def test_under_torch_compile_fullgraph(arch):
+def test_under_torch_compile_fullgraph():
     """Taps started before the compiled model's first call are traced into its graph, with no graph
-    break: the same features, outputs and gradients as eager."""
+    break: the same features, outputs and gradients as eager (ReLU-input captures in a ResNet,
+    BN-output captures in a WideResNet); after stop() the compiled model captures nothing."""
     import torch._dynamo
 
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    model, x = (_resnet(layers=(1, 1)), _x()) if arch == "resnet" else (WideResNet(), _x(size=8))
-    model.train()
-    y = torch.arange(4)
+    model, x, y = _resnet(layers=(1, 1)).train(), _x(), torch.arange(4)
     names = [n for n, _ in ofd_points(model)]
     taps = FeatureTaps(model, names, pre_relu=True)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     results = []
-    for runner in (model, torch.compile(model, backend="aot_eager", fullgraph=True)):
+    for runner in (model, compiled):
         model.zero_grad()
         with taps:
             logits = runner(x)
@@ -380,37 +378,39 @@ def test_under_torch_compile_fullgraph(arch):
         torch.testing.assert_close(f2[n], f1[n])
     for a, b in zip(g1, g2):
         torch.testing.assert_close(b, a)
-    assert all(m.inplace for m in model.modules() if isinstance(m, (nn.ReLU, nn.ReLU6)))
-    torch._dynamo.reset()
-
-
-def test_torch_compile_start_stop():
-    """torch.compile does not guard on module hooks by default, so taps started after the
-    compiled model's first call are not seen (a KeyError says so) unless
-    torch._dynamo.config.skip_nnmodule_hook_guards is False; after stop() the compiled model
-    captures nothing."""
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    model = _resnet(layers=(1, 1)).eval()
-    x = _x()
-    names = [n for n, _ in ofd_points(model)]
-    taps = FeatureTaps(model, names, pre_relu=True)
-    compiled = torch.compile(model, backend="aot_eager")
-    with taps:
-        compiled(x)
-        assert set(taps.features) == set(names)
+    assert all(m.inplace for m in model.modules() if isinstance(m, nn.ReLU))
     taps.clear()
     compiled(x)
     assert taps.features == {}
-    # started after the compiled model ran without hooks: not seen by default ...
+
+    torch.manual_seed(0)
+    wrn = WideResNet().eval()
+    with torch.no_grad(), FeatureTaps(wrn, [n for n, _ in ofd_points(wrn)], pre_relu=True) as taps:
+        wrn(_x(size=8))
+        want = taps.features
+        torch.compile(wrn, backend="aot_eager", fullgraph=True)(_x(size=8))
+        got = taps.features
+    assert set(got) == set(want)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n])
+    torch._dynamo.reset()
+
+
+def test_torch_compile_taps_started_late():
+    """torch.compile does not guard on module hooks by default, so taps started after the compiled
+    model's first call are not seen (a KeyError says so) unless
+    torch._dynamo.config.skip_nnmodule_hook_guards is False."""
+    import torch._dynamo
+
+    model, x = _resnet(layers=(1,)).eval(), _x()  # one stage: a small graph to compile three times
+    names = [n for n, _ in ofd_points(model)]
+    taps = FeatureTaps(model, names, pre_relu=True)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager")
     compiled(x)
     with taps, pytest.raises(KeyError, match="skip_nnmodule_hook_guards"):
         compiled(x)
         taps[names[0]]
-    # ... and seen with hook guards on
     old = torch._dynamo.config.skip_nnmodule_hook_guards
     torch._dynamo.config.skip_nnmodule_hook_guards = False
     try:
