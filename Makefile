@@ -19,8 +19,9 @@ $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 triton==3.9.0 numpy ninja pybind11 setuptools wheel \
-		pytest pytest-xdist pytest-benchmark hypothesis scikit-learn matplotlib tqdm
-	# torchdistill for the SPKDLoss parity tests; --no-deps keeps its torchvision (a CUDA torch) out
+		pytest pytest-xdist pytest-benchmark hypothesis scikit-learn matplotlib tqdm pyyaml
+	# torchdistill for the SPKDLoss parity and integration tests (its YAML loader needs pyyaml, above);
+	# --no-deps keeps its torchvision (a CUDA torch) out
 	$(PY) -m pip install -q --no-deps torchdistill==1.1.5
 	# the checkout itself is the package (its extension is built in place below)
 	$(PY) -c "import site, os; open(os.path.join(site.getsitepackages()[0], 'kdkernels-checkout.pth'), 'w').write(os.getcwd() + '\\n')"
