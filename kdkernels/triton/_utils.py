@@ -63,6 +63,21 @@ def target_programs(device: torch.device) -> int:
     return 2 * MODEL_SMS if MODEL_SMS else 4
 
 
+_ARCH = {}
+
+
+def arch(device: torch.device) -> int:
+    """Config family of a device: 90 (Hopper and newer: wgmma, operands from shared
+    memory) or 80 (Ampere: mma.sync, operands in registers, so smaller tiles). Off a
+    GPU (the interpreter) 90, the GPU the traffic report models. Cached per device."""
+    if device.type != "cuda":
+        return 90
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _ARCH:
+        _ARCH[idx] = 90 if torch.cuda.get_device_capability(idx)[0] >= 9 else 80
+    return _ARCH[idx]
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 

@@ -26,15 +26,33 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _utils
 from ._utils import cdiv, compute_tl_dtype, dot_precision, empty_grad, interpreting, mma, row_major, scalar_arg, \
     scalar_bits
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of lsh_proj_kernel and
 # (BLOCK_M, BLOCK_D, BLOCK_K, num_warps, num_stages) of lsh_grad_kernel, per input
-# dtype class; sized for zero spills on sm_80/sm_90 (see aot.py).
-PROJ_CONFIG = {"half": (128, 128, 64, 8, 3), "fp32": (64, 128, 32, 8, 3), "fp64": (32, 32, 32, 4, 2)}
-GRAD_CONFIG = {"half": (128, 256, 64, 8, 3), "fp32": (64, 128, 32, 8, 3), "fp64": (32, 32, 32, 4, 2)}
+# dtype class and arch family (80: mma.sync keeps operands in registers, so smaller
+# tiles); sized for zero spills (see aot.py). With packed codes only one projection
+# is computed, which leaves room for K-steps of 64 on sm_90.
+PROJ_CONFIG = {(90, "half"): (64, 128, 32, 8, 3), (90, "half codes"): (64, 128, 64, 8, 3),
+               (90, "fp32"): (64, 128, 16, 8, 3), (90, "fp32 codes"): (64, 64, 32, 8, 3),
+               (80, "half"): (64, 128, 32, 8, 3), (80, "half codes"): (64, 64, 32, 8, 3),
+               (80, "fp32"): (32, 64, 32, 8, 3), (80, "fp32 codes"): (32, 32, 32, 4, 3),
+               "fp64": (32, 32, 16, 4, 2)}
+GRAD_CONFIG = {(90, "half"): (64, 128, 64, 8, 3), (90, "fp32"): (64, 64, 32, 8, 3), (80, "half"): (64, 64, 64, 8, 3),
+               (80, "fp32"): (64, 64, 32, 8, 3), "fp64": (32, 32, 32, 4, 2)}
 L2_CHUNK_BYTES = 16 << 20  # budget for a chunk's [chunk, N] G (H100: 50 MB of L2, A100: 40 MB)
+
+
+def proj_config(kind: str, use_codes: bool, arch: int):
+    if kind == "fp64":
+        return PROJ_CONFIG[kind]
+    return PROJ_CONFIG.get((arch, f"{kind} codes") if use_codes else (arch, kind), PROJ_CONFIG[(arch, kind)])
+
+
+def grad_config(kind: str, arch: int):
+    return GRAD_CONFIG[kind] if kind == "fp64" else GRAD_CONFIG[(arch, kind)]
 
 
 def dtype_class(dtype: torch.dtype) -> str:
@@ -68,8 +86,14 @@ def lsh_proj_kernel(fs_ptr, ft_ptr, w_ptr, b_ptr, codes_ptr, rw_ptr, g_ptr, part
     """
     pid_n = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    # 64-bit tile origins, 32-bit offsets inside a tile (fewer registers in the GEMM loop)
+    fs_ptr += pid_m * BLOCK_M * stride_fs
+    ft_ptr += pid_m * BLOCK_M * stride_ft
+    w_ptr += pid_n * BLOCK_N * stride_w
+    lr = tl.arange(0, BLOCK_M)
+    lc = tl.arange(0, BLOCK_N)
+    rows = pid_m * BLOCK_M + lr.to(tl.int64)
+    cols = pid_n * BLOCK_N + lc.to(tl.int64)
     r_ok = rows < M
     c_ok = cols < N
     first = pid_n == 0
@@ -80,18 +104,18 @@ def lsh_proj_kernel(fs_ptr, ft_ptr, w_ptr, b_ptr, codes_ptr, rw_ptr, g_ptr, part
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < D
         fm = r_ok[:, None] & k_ok[None, :]
-        w = tl.load(w_ptr + cols[:, None] * stride_w + kk[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0)
-        fs = tl.load(fs_ptr + rows[:, None] * stride_fs + kk[None, :], mask=fm, other=0)
+        w = tl.load(w_ptr + lc[:, None] * stride_w + kk[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0)
+        fs = tl.load(fs_ptr + lr[:, None] * stride_fs + kk[None, :], mask=fm, other=0)
         h_s = mma(fs, tl.trans(w), h_s, DOT_PREC, INTERP)
         if not USE_CODES:
-            ft = tl.load(ft_ptr + rows[:, None] * stride_ft + kk[None, :], mask=fm, other=0)
+            ft = tl.load(ft_ptr + lr[:, None] * stride_ft + kk[None, :], mask=fm, other=0)
             h_t = mma(ft, tl.trans(w), h_t, DOT_PREC, INTERP)
             if HAS_MSE:
                 diff = fs.to(CDTYPE) - ft.to(CDTYPE)
                 sse += tl.sum(diff * diff, 1)  # kept by the first N tile only
         elif HAS_MSE:
             if first:
-                ft = tl.load(ft_ptr + rows[:, None] * stride_ft + kk[None, :], mask=fm, other=0)
+                ft = tl.load(ft_ptr + lr[:, None] * stride_ft + kk[None, :], mask=fm, other=0)
                 diff = fs.to(CDTYPE) - ft.to(CDTYPE)
                 sse += tl.sum(diff * diff, 1)
     if HAS_BIAS:
@@ -100,8 +124,9 @@ def lsh_proj_kernel(fs_ptr, ft_ptr, w_ptr, b_ptr, codes_ptr, rw_ptr, g_ptr, part
         h_t += bias[None, :]
     valid = r_ok[:, None] & c_ok[None, :]
     if USE_CODES:
-        byte = tl.load(codes_ptr + rows[:, None] * stride_codes + (cols // 8)[None, :], mask=valid, other=0)
-        y = ((byte.to(tl.int32) >> (cols % 8).to(tl.int32)[None, :]) & 1).to(CDTYPE)
+        codes_tile = codes_ptr + pid_m * BLOCK_M * stride_codes + pid_n * (BLOCK_N // 8)
+        byte = tl.load(codes_tile + lr[:, None] * stride_codes + (lc // 8)[None, :], mask=valid, other=0)
+        y = ((byte.to(tl.int32) >> (lc % 8)[None, :]) & 1).to(CDTYPE)
     else:
         y = tl.where(h_t != h_t, h_t, (h_t > 0).to(CDTYPE))  # a NaN teacher stays NaN
     e = tl.exp(-tl.abs(h_s))
@@ -115,7 +140,8 @@ def lsh_proj_kernel(fs_ptr, ft_ptr, w_ptr, b_ptr, codes_ptr, rw_ptr, g_ptr, part
     if NEED_GS:
         sig = tl.where(h_s >= 0, 1 / (1 + e), e / (1 + e))
         g = sig - y
-        tl.store(g_ptr + rows[:, None] * N + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=valid)
+        g_tile = g_ptr + pid_m * BLOCK_M * N + pid_n * BLOCK_N
+        tl.store(g_tile + lr[:, None] * N + lc[None, :], g.to(g_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -150,30 +176,38 @@ def lsh_grad_kernel(g_ptr, w_ptr, fs_ptr, ft_ptr, rw_ptr, part_ptr, sse_ptr, row
             loss += mse_w * (tl.load(sse_ptr + rows, mask=r_ok, other=0) / D)
         tl.store(rows_ptr + rows, loss, mask=r_ok)
     if NEED_GS or NEED_GT:
-        dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
-        d_ok = dd < D
+        lr = tl.arange(0, BLOCK_M)  # 64-bit tile origins, 32-bit offsets inside the tiles
+        ld = tl.arange(0, BLOCK_D)
+        d_ok = pid_d * BLOCK_D + ld < D
         m = r_ok[:, None] & d_ok[None, :]
+        row0 = pid_m * BLOCK_M
+        col0 = pid_d * BLOCK_D
         acc = tl.zeros([BLOCK_M, BLOCK_D], CDTYPE)
         if NEED_GS:
+            g_tile = g_ptr + row0 * N
+            w_tile = w_ptr + col0
             for n0 in range(0, N, BLOCK_K):
                 nn = n0 + tl.arange(0, BLOCK_K)
                 n_ok = nn < N
-                g = tl.load(g_ptr + rows[:, None] * N + nn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0)
-                w = tl.load(w_ptr + nn[:, None] * stride_w + dd[None, :], mask=n_ok[:, None] & d_ok[None, :],
+                g = tl.load(g_tile + lr[:, None] * N + nn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0)
+                w = tl.load(w_tile + nn[:, None] * stride_w + ld[None, :], mask=n_ok[:, None] & d_ok[None, :],
                             other=0)
                 acc = mma(g, w, acc, DOT_PREC, INTERP)
         rw = tl.load(rw_ptr + rows, mask=r_ok, other=0).to(CDTYPE)
         if HAS_MSE:
-            fs = tl.load(fs_ptr + rows[:, None] * stride_fs + dd[None, :], mask=m, other=0).to(CDTYPE)
-            ft = tl.load(ft_ptr + rows[:, None] * stride_ft + dd[None, :], mask=m, other=0).to(CDTYPE)
+            fs = tl.load(fs_ptr + row0 * stride_fs + col0 + lr[:, None] * stride_fs + ld[None, :], mask=m,
+                         other=0).to(CDTYPE)
+            ft = tl.load(ft_ptr + row0 * stride_ft + col0 + lr[:, None] * stride_ft + ld[None, :], mask=m,
+                         other=0).to(CDTYPE)
             gmse = (2 * mse_w / D * rw)[:, None] * (fs - ft)
         else:
             gmse = tl.zeros([BLOCK_M, BLOCK_D], CDTYPE)
         if NEED_GS:
-            tl.store(gs_ptr + rows[:, None] * stride_gs + dd[None, :], (acc * (rw / N)[:, None] + gmse).to(gs_ptr.dtype.element_ty),
-                     mask=m)
+            tl.store(gs_ptr + row0 * stride_gs + col0 + lr[:, None] * stride_gs + ld[None, :],
+                     (acc * (rw / N)[:, None] + gmse).to(gs_ptr.dtype.element_ty), mask=m)
         if NEED_GT:
-            tl.store(gt_ptr + rows[:, None] * stride_gt + dd[None, :], (-gmse).to(gt_ptr.dtype.element_ty), mask=m)
+            tl.store(gt_ptr + row0 * stride_gt + col0 + lr[:, None] * stride_gt + ld[None, :],
+                     (-gmse).to(gt_ptr.dtype.element_ty), mask=m)
 
 
 def chunk_rows(B: int, N: int, elem_bytes: int, block_m: int) -> int:
@@ -203,8 +237,8 @@ def lsh_forward(f_s, f_t, weight, bias, teacher_codes, mse_weight, row_weight, n
     if B == 0:
         return rows, gs, gt
     kind = dtype_class(f_s.dtype)
-    pm, pn, pk, p_warps, p_stages = PROJ_CONFIG[kind]
-    gm, gd, gk, g_warps, g_stages = GRAD_CONFIG[kind]
+    pm, pn, pk, p_warps, p_stages = proj_config(kind, use_codes, _utils.arch(dev))
+    gm, gd, gk, g_warps, g_stages = grad_config(kind, _utils.arch(dev))
     g_dtype = f_s.dtype  # the second GEMM runs in the input dtype, as autograd's would
     chunk = chunk_rows(B, N, torch.finfo(g_dtype).bits // 8, max(pm, gm))
     n_parts = cdiv(N, pn)

@@ -17,7 +17,7 @@ ids), every grid dimension bounded by the SM count (not by K):
   split) so the small [b, b] output still fills the GPU: [splits, b, b] partials.
 - ``sp_rows_fwd_kernel``: the whole [b, b] step in one launch: a fixed-order sum
   of the splits, row norms, G_t - G_s, the row losses and dA for both sides; a
-  row that fits one tile (b <= MAX_SINGLE_C) is loaded once.
+  row that fits one tile (b <= ROWS_BLOCK_C) is loaded once.
 - ``sp_bwd_kernel``: dQ = (dA + dA^T) Q. A program owns a row block and a range
   of >= MIN_K_PER_SPLIT columns; with b <= MAX_SINGLE_C it loads its rows of
   dA + dA^T once and keeps them for all its K tiles (wider b re-reads them per
@@ -30,18 +30,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, compute_tl_dtype, dot_precision, empty_grad, interpreting, mma, next_pow2, row_major, \
+from ._utils import arch, cdiv, compute_tl_dtype, dot_precision, empty_grad, interpreting, mma, next_pow2, row_major, \
     scalar_arg, scalar_bits, sqrt_rn, target_programs
 
 SP_EPS = 1e-12
 MIN_K_PER_SPLIT = 512  # columns a Gram split / a dQ program covers at least
-MAX_SINGLE_C = 256     # widest [b, b] row kept in registers in one piece
+MAX_SINGLE_C = 128     # widest [b, b] row kept in registers in one piece (dQ kernel; 64 for sm_80 float32)
 # sp_rows_fwd_kernel
 ROWS_R = 4
 ROWS_BLOCK_C = 256
 ROWS_WARPS = 4
-# sp_gram_fwd_kernel and sp_bwd_kernel: (BLOCK_M cap, BLOCK_K, num_stages) per input dtype class
-GEMM_CONFIG = {"half": (128, 64, 3), "fp32": (64, 32, 3), "fp64": (32, 32, 2)}
+# sp_gram_fwd_kernel and sp_bwd_kernel: (BLOCK_M cap, BLOCK_K, num_stages) per input dtype class and
+# arch family (sm_80's mma.sync keeps operands in registers: smaller float32 tiles)
+GEMM_CONFIG = {(90, "half"): (64, 64, 3), (90, "fp32"): (64, 32, 3), (80, "half"): (64, 64, 3),
+               (80, "fp32"): (32, 32, 3), "fp64": (32, 32, 1)}
 
 
 @triton.jit
@@ -60,28 +62,35 @@ def sp_gram_fwd_kernel(q_ptr, a_ptr, b, K, stride_q, k_per_split,
     ti = pid // nt
     tj = pid % nt
     if ti <= tj:
-        ri = ti * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-        rj = tj * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        lm = tl.arange(0, BLOCK_M)
+        ri = ti * BLOCK_M + lm.to(tl.int64)
+        rj = tj * BLOCK_M + lm.to(tl.int64)
         ri_ok = ri < b
         rj_ok = rj < b
         k_lo = pid_k * k_per_split
+        # 64-bit tile origins, 32-bit offsets inside the tiles
+        qi_ptr = q_ptr + ti * BLOCK_M * stride_q + k_lo
+        qj_ptr = q_ptr + tj * BLOCK_M * stride_q + k_lo
+        k_end = K - k_lo
         acc = tl.zeros([BLOCK_M, BLOCK_M], CDTYPE)
         for k0 in range(0, k_per_split, BLOCK_K):
-            kk = k_lo + k0 + tl.arange(0, BLOCK_K)
-            k_ok = kk < K  # k_per_split is a multiple of BLOCK_K: splits never overlap
-            qi = tl.load(q_ptr + ri[:, None] * stride_q + kk[None, :], mask=ri_ok[:, None] & k_ok[None, :], other=0)
+            kk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = kk < k_end  # k_per_split is a multiple of BLOCK_K: splits never overlap
+            qi = tl.load(qi_ptr + lm[:, None] * stride_q + kk[None, :], mask=ri_ok[:, None] & k_ok[None, :], other=0)
             if SINGLE_TILE:
                 qj = qi
             else:
-                qj = tl.load(q_ptr + rj[:, None] * stride_q + kk[None, :], mask=rj_ok[:, None] & k_ok[None, :],
+                qj = tl.load(qj_ptr + lm[:, None] * stride_q + kk[None, :], mask=rj_ok[:, None] & k_ok[None, :],
                              other=0)
             acc = mma(qi, tl.trans(qj), acc, DOT_PREC, INTERP)
         a = a_ptr + pid_k * b * b
         ok = ri_ok[:, None] & rj_ok[None, :]
+        ri32 = ri.to(tl.int32)  # b * b < 2**31: 32-bit offsets inside the [b, b] matrix
+        rj32 = rj.to(tl.int32)
         # the tile itself (on a diagonal tile: its upper triangle and diagonal) ...
-        tl.store(a + ri[:, None] * b + rj[None, :], acc, mask=ok & (ri[:, None] <= rj[None, :]))
+        tl.store(a + ri32[:, None] * b + rj32[None, :], acc, mask=ok & (ri32[:, None] <= rj32[None, :]))
         # ... and its mirror below the diagonal
-        tl.store(a + rj[None, :] * b + ri[:, None], acc, mask=ok & (ri[:, None] < rj[None, :]))
+        tl.store(a + rj32[None, :] * b + ri32[:, None], acc, mask=ok & (ri32[:, None] < rj32[None, :]))
 
 
 @triton.jit
@@ -233,26 +242,34 @@ def sp_bwd_kernel(da_ptr, q_ptr, dq_ptr, b, K, stride_q, stride_dq, k_per_prog,
     """
     pid_m = tl.program_id(0).to(tl.int64)
     pid_k = tl.program_id(1).to(tl.int64)
-    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    lm = tl.arange(0, BLOCK_M)
+    r = pid_m * BLOCK_M + lm.to(tl.int64)
     r_ok = r < b
+    # 64-bit tile origins, 32-bit offsets inside the tiles
+    k_lo = pid_k * k_per_prog
+    q_ptr += k_lo
+    dq_ptr += pid_m * BLOCK_M * stride_dq + k_lo
+    k_end = K - k_lo
+    r32 = r.to(tl.int32)  # b * b < 2**31: 32-bit offsets inside dA
     if SINGLE_C:
-        c1 = tl.arange(0, BLOCK_C).to(tl.int64)
-        sym1, inv1 = _sp_operand(_sp_sym(da_ptr, r, r_ok, c1, b, CDTYPE), q_ptr.dtype.element_ty)
+        c1 = tl.arange(0, BLOCK_C)
+        sym1, inv1 = _sp_operand(_sp_sym(da_ptr, r32, r_ok, c1, b, CDTYPE), q_ptr.dtype.element_ty)
     for k0 in range(0, k_per_prog, BLOCK_K):
-        kk = pid_k * k_per_prog + k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        k_ok = kk < K
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < k_end
         acc = tl.zeros([BLOCK_M, BLOCK_K], CDTYPE)
         if SINGLE_C:
-            q = tl.load(q_ptr + c1[:, None] * stride_q + kk[None, :], mask=(c1 < b)[:, None] & k_ok[None, :], other=0)
+            lc = tl.arange(0, BLOCK_C)
+            q = tl.load(q_ptr + lc[:, None] * stride_q + kk[None, :], mask=(lc < b)[:, None] & k_ok[None, :], other=0)
             acc = mma(sym1, q, acc, DOT_PREC, INTERP) * inv1[:, None]
         else:
             for c0 in range(0, b, BLOCK_C):
                 c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-                sym, inv = _sp_operand(_sp_sym(da_ptr, r, r_ok, c, b, CDTYPE), q_ptr.dtype.element_ty)
+                sym, inv = _sp_operand(_sp_sym(da_ptr, r32, r_ok, c.to(tl.int32), b, CDTYPE), q_ptr.dtype.element_ty)
                 q = tl.load(q_ptr + c[:, None] * stride_q + kk[None, :], mask=(c < b)[:, None] & k_ok[None, :],
                             other=0)
                 acc += mma(sym, q, tl.zeros([BLOCK_M, BLOCK_K], CDTYPE), DOT_PREC, INTERP) * inv[:, None]
-        tl.store(dq_ptr + r[:, None] * stride_dq + kk[None, :], acc.to(dq_ptr.dtype.element_ty),
+        tl.store(dq_ptr + lm[:, None] * stride_dq + kk[None, :], acc.to(dq_ptr.dtype.element_ty),
                  mask=r_ok[:, None] & k_ok[None, :])
 
 
@@ -261,32 +278,47 @@ def dtype_class(dtype: torch.dtype) -> str:
     return "half" if dtype in (torch.float16, torch.bfloat16) else ("fp64" if dtype == torch.float64 else "fp32")
 
 
-def block_m(b: int, dtype: torch.dtype) -> int:
-    """Tile height of the Gram and dQ GEMMs (tl.dot needs >= 16): up to 128 rows for
-    16-bit inputs, 64 for float32 (3xTF32), 32 for float64 (FMA), within zero spills."""
-    return min(GEMM_CONFIG[dtype_class(dtype)][0], max(16, next_pow2(b)))
+def gemm_config(dtype: torch.dtype, arch: int):
+    kind = dtype_class(dtype)
+    return GEMM_CONFIG[kind] if kind == "fp64" else GEMM_CONFIG[(arch, kind)]
 
 
-def block_m_choices(dtype: torch.dtype):
-    """Every value block_m can return for dtype (for the AOT check)."""
-    return sorted({block_m(b, dtype) for b in (1, 16, 32, 64, 128, 4096)})
+def block_m(b: int, dtype: torch.dtype, arch: int) -> int:
+    """Tile height of the Gram and dQ GEMMs (tl.dot needs >= 16), capped per dtype and
+    arch for zero spills."""
+    return min(gemm_config(dtype, arch)[0], max(16, next_pow2(b)))
 
 
-def bwd_block_c(b: int) -> int:
-    """Inner (b) width of sp_bwd_kernel: all of b when b <= MAX_SINGLE_C, else chunks of 64."""
-    return max(16, next_pow2(b)) if b <= MAX_SINGLE_C else 64
+def max_single_c(dtype: torch.dtype, arch: int) -> int:
+    return 64 if arch == 80 and dtype == torch.float32 else MAX_SINGLE_C
 
 
-def bwd_block_c_choices():
-    return sorted({bwd_block_c(b) for b in (1, 16, 32, 64, 128, 256, 4096)})
+def bwd_block_c(b: int, dtype: torch.dtype, arch: int) -> int:
+    """Inner (b) width of sp_bwd_kernel: all of b when b <= max_single_c, else chunks of
+    32 (16 for float64)."""
+    if b <= max_single_c(dtype, arch):
+        return max(16, next_pow2(b))
+    return 16 if dtype == torch.float64 else 32
 
 
 def rows_block_c(b: int) -> int:
-    return max(16, next_pow2(b)) if b <= MAX_SINGLE_C else ROWS_BLOCK_C
+    return max(16, next_pow2(b)) if b <= ROWS_BLOCK_C else ROWS_BLOCK_C
 
 
-def num_warps(bm: int) -> int:
-    return 8 if bm >= 64 else 4
+def num_warps(bm: int, dtype: torch.dtype, arch: int) -> int:
+    """8 warps from 64 rows (from 32 for sm_80's float32, whose 3xTF32 operands live in registers)."""
+    return 8 if bm >= 64 or (arch == 80 and dtype == torch.float32 and bm >= 32) else 4
+
+
+def configs(dtype: torch.dtype, arch: int):
+    """Every kernel config the launchers can pick for dtype (for the AOT check): each
+    depends on b only through powers of two up to MAX_SINGLE_C, so these b cover all."""
+    bs = [1 << i for i in range(0, 10)]
+    return dict(
+        gram=sorted({(block_m(b, dtype, arch), b <= block_m(b, dtype, arch)) for b in bs}),
+        rows=sorted({(rows_block_c(b), b <= ROWS_BLOCK_C) for b in bs}),
+        bwd=sorted({(block_m(b, dtype, arch), bwd_block_c(b, dtype, arch), b <= max_single_c(dtype, arch))
+                    for b in bs}))
 
 
 def _k_split(K: int, programs_other: int, device, block_k: int) -> int:
@@ -298,8 +330,8 @@ def _k_split(K: int, programs_other: int, device, block_k: int) -> int:
 def _gram(q: torch.Tensor, cdtype: torch.dtype):
     """[splits, b, b] split-K partials of q q^T (upper tiles computed, mirrored)."""
     b, K = q.shape
-    bm = block_m(b, q.dtype)
-    _, bk, stages = GEMM_CONFIG[dtype_class(q.dtype)]
+    bm = block_m(b, q.dtype, arch(q.device))
+    _, bk, stages = gemm_config(q.dtype, arch(q.device))
     nt = cdiv(b, bm)
     k_per_split = _k_split(K, nt * (nt + 1) // 2, q.device, bk)
     splits = max(1, cdiv(K, k_per_split))
@@ -307,19 +339,22 @@ def _gram(q: torch.Tensor, cdtype: torch.dtype):
     sp_gram_fwd_kernel[(nt * nt, splits)](
         q, a, b, K, q.stride(0), k_per_split,
         CDTYPE=compute_tl_dtype(q.dtype), DOT_PREC=dot_precision(q.dtype), INTERP=interpreting(),
-        SINGLE_TILE=nt == 1, BLOCK_M=bm, BLOCK_K=bk, num_warps=num_warps(bm), num_stages=stages)
+        SINGLE_TILE=nt == 1, BLOCK_M=bm, BLOCK_K=bk, num_warps=num_warps(bm, q.dtype, arch(q.device)),
+        num_stages=stages)
     return a, splits
 
 
 def _dq(da: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> None:
     b, K = q.shape
-    bm = block_m(b, q.dtype)
-    _, bk, stages = GEMM_CONFIG[dtype_class(q.dtype)]
+    bm = block_m(b, q.dtype, arch(q.device))
+    _, bk, stages = gemm_config(q.dtype, arch(q.device))
     k_per_prog = _k_split(K, cdiv(b, bm), q.device, bk)
     sp_bwd_kernel[(cdiv(b, bm), cdiv(K, k_per_prog))](
         da, q, out, b, K, q.stride(0), out.stride(0), k_per_prog,
         CDTYPE=compute_tl_dtype(q.dtype), DOT_PREC=dot_precision(q.dtype), INTERP=interpreting(),
-        SINGLE_C=b <= MAX_SINGLE_C, BLOCK_M=bm, BLOCK_K=bk, BLOCK_C=bwd_block_c(b), num_warps=num_warps(bm),
+        SINGLE_C=b <= max_single_c(q.dtype, arch(q.device)), BLOCK_M=bm, BLOCK_K=bk,
+        BLOCK_C=bwd_block_c(b, q.dtype, arch(q.device)),
+        num_warps=num_warps(bm, q.dtype, arch(q.device)),
         num_stages=stages)
 
 
@@ -344,7 +379,7 @@ def sp_forward(q_s, q_t, p, row_weight, need_grad_s, need_grad_t):
         a_s, a_t, row_weight.contiguous(), rows, da_s if need_gs else rows, da_t if need_gt else rows,
         b, splits_s, splits_t, scalar_bits(SP_EPS),
         P=int(p), NEED_GS=need_gs, NEED_GT=need_gt, CDTYPE=compute_tl_dtype(q_s.dtype),
-        ROWS=ROWS_R, BLOCK_C=rows_block_c(b), SINGLE=b <= MAX_SINGLE_C, num_warps=ROWS_WARPS)
+        ROWS=ROWS_R, BLOCK_C=rows_block_c(b), SINGLE=b <= ROWS_BLOCK_C, num_warps=ROWS_WARPS)
     if need_gs and q_s.shape[1]:
         _dq(da_s, qs, gs)
     if need_gt and q_t.shape[1]:
