@@ -124,8 +124,8 @@ def _jobs(dtypes, arch: int) -> List[Job]:
                         part_ptr="c", sse_ptr="c", rows_ptr="c", gs_ptr="in", gt_ptr="in")
         kind = lsh.dtype_class(tdt)
         for codes in (False, True):
-            bm, bn, bk, warps, stages = lsh.proj_config(kind, codes, arch)
             for grads in (False, True):
+                bm, bn, bk, warps, stages = lsh.proj_config(kind, codes, arch, grads)
                 jobs.append(Job("lsh", "lsh_proj_kernel",
                                 f"{'codes' if codes else 'f_t'} {'loss+G' if grads else 'loss'} {bm}x{bn}x{bk}",
                                 dt, lsh_ptrs, dict(HAS_BIAS=True, USE_CODES=codes, HAS_MSE=True, NEED_GS=grads,

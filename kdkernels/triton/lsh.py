@@ -34,9 +34,10 @@ from ._utils import cdiv, compute_tl_dtype, dot_precision, empty_grad, interpret
 # (BLOCK_M, BLOCK_D, BLOCK_K, num_warps, num_stages) of lsh_grad_kernel, per input
 # dtype class and arch family (80: mma.sync keeps operands in registers, so smaller
 # tiles); sized for zero spills (see aot.py). With packed codes only one projection
-# is computed, which leaves room for K-steps of 64 on sm_90.
+# is computed, which leaves room for K-steps of 64 on sm_90; "loss": no G output.
 PROJ_CONFIG = {(90, "half"): (64, 128, 32, 8, 3), (90, "half codes"): (64, 128, 64, 8, 3),
                (90, "fp32"): (64, 128, 16, 8, 3), (90, "fp32 codes"): (64, 64, 32, 8, 3),
+               (90, "fp32 loss"): (64, 64, 32, 8, 3),
                (80, "half"): (64, 128, 32, 8, 3), (80, "half codes"): (64, 64, 32, 8, 3),
                (80, "fp32"): (32, 64, 32, 8, 3), (80, "fp32 codes"): (32, 32, 32, 4, 3),
                "fp64": (32, 32, 16, 4, 2)}
@@ -45,10 +46,11 @@ GRAD_CONFIG = {(90, "half"): (64, 128, 64, 8, 3), (90, "fp32"): (64, 64, 32, 8, 
 L2_CHUNK_BYTES = 16 << 20  # budget for a chunk's [chunk, N] G (H100: 50 MB of L2, A100: 40 MB)
 
 
-def proj_config(kind: str, use_codes: bool, arch: int):
+def proj_config(kind: str, use_codes: bool, arch: int, need_gs: bool = True):
     if kind == "fp64":
         return PROJ_CONFIG[kind]
-    return PROJ_CONFIG.get((arch, f"{kind} codes") if use_codes else (arch, kind), PROJ_CONFIG[(arch, kind)])
+    variant = f"{kind} codes" if use_codes else (kind if need_gs else f"{kind} loss")
+    return PROJ_CONFIG.get((arch, variant), PROJ_CONFIG[(arch, kind)])
 
 
 def grad_config(kind: str, arch: int):
@@ -237,7 +239,7 @@ def lsh_forward(f_s, f_t, weight, bias, teacher_codes, mse_weight, row_weight, n
     if B == 0:
         return rows, gs, gt
     kind = dtype_class(f_s.dtype)
-    pm, pn, pk, p_warps, p_stages = proj_config(kind, use_codes, _utils.arch(dev))
+    pm, pn, pk, p_warps, p_stages = proj_config(kind, use_codes, _utils.arch(dev), need_gs)
     gm, gd, gk, g_warps, g_stages = grad_config(kind, _utils.arch(dev))
     g_dtype = f_s.dtype  # the second GEMM runs in the input dtype, as autograd's would
     chunk = chunk_rows(B, N, torch.finfo(g_dtype).bits // 8, max(pm, gm))
