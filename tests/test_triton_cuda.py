@@ -26,24 +26,23 @@ def _g(seed):
 
 def make(loss, dtype, scale=1):
     """(fn(student, backend), student float64 leaf) for one loss at a moderate size."""
+    # constants on the device up front: no host-to-device copy inside a captured graph
+    r = lambda *shape, seed: torch.randn(*shape, generator=_g(seed)).to(DEV)  # noqa: E731
     if loss == "ofd":
-        s = torch.randn(4, 32 * scale, 14, 14, generator=_g(0))
-        t, m = torch.randn(4, 32 * scale, 14, 14, generator=_g(1)), -torch.rand(32 * scale, generator=_g(2))
-        fn = lambda x, b: kdk.ofd_loss(x, t.to(DEV, x.dtype), m.to(DEV), backend=b)  # noqa: E731
+        s, t = r(4, 32 * scale, 14, 14, seed=0), r(4, 32 * scale, 14, 14, seed=1)
+        m = -torch.rand(32 * scale, generator=_g(2)).to(DEV)
+        fn = lambda x, b: kdk.ofd_loss(x, t.to(x.dtype), m, backend=b)  # noqa: E731
     elif loss == "nd":
-        s = torch.randn(96, 256, generator=_g(0))
-        t, c = torch.randn(96, 256, generator=_g(1)), torch.randn(10, 256, generator=_g(2))
+        s, t, c = r(96, 256, seed=0), r(96, 256, seed=1), r(10, 256, seed=2)
         y = torch.randint(0, 10, (96,), generator=_g(3)).to(DEV)
-        fn = lambda x, b: kdk.nd_loss(x, t.to(DEV, x.dtype), c.to(DEV, x.dtype), y, backend=b)  # noqa: E731
+        fn = lambda x, b: kdk.nd_loss(x, t.to(x.dtype), c.to(x.dtype), y, backend=b)  # noqa: E731
     elif loss == "lsh":
-        s = torch.randn(200, 96, generator=_g(0))
-        t, w = torch.randn(200, 96, generator=_g(1)), torch.randn(1000, 96, generator=_g(2)) * 0.1
-        fn = lambda x, b: kdk.lsh_loss(x, t.to(DEV, x.dtype), w.to(DEV, x.dtype), backend=b)  # noqa: E731
+        s, t, w = r(200, 96, seed=0), r(200, 96, seed=1), r(1000, 96, seed=2) * 0.1
+        fn = lambda x, b: kdk.lsh_loss(x, t.to(x.dtype), w.to(x.dtype), backend=b)  # noqa: E731
     else:
-        s = torch.randn(48, 8, 6, 6, generator=_g(0))
-        t = torch.randn(48, 500, generator=_g(1))
-        fn = lambda x, b: kdk.sp_loss(x, t.to(DEV, x.dtype), backend=b)  # noqa: E731
-    return fn, s.to(DEV)
+        s, t = r(48, 8, 6, 6, seed=0), r(48, 500, seed=1)
+        fn = lambda x, b: kdk.sp_loss(x, t.to(x.dtype), backend=b)  # noqa: E731
+    return fn, s
 
 
 LOSSES = ["ofd", "nd", "lsh", "sp"]

@@ -27,10 +27,9 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _ofd_elem(s_ptr, t_ptr, m_ptr, outer, C, inner, CDTYPE: tl.constexpr,
+def _ofd_elem(pid, s_ptr, t_ptr, m_ptr, outer, C, inner, CDTYPE: tl.constexpr,
               BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr):
-    """Loads this program's tile; returns (offsets, mask, s - t', mask as float, keep_t = t' is t, program id)."""
-    pid = tl.program_id(0).to(tl.int64)
+    """Loads program pid's tile; returns (offsets, mask, s - t', mask as float, keep_t = t' is t)."""
     n_i = tl.cdiv(inner, BLOCK_I)
     n_c = tl.cdiv(C, BLOCK_C)
     p_i = pid % n_i
@@ -48,7 +47,7 @@ def _ofd_elem(s_ptr, t_ptr, m_ptr, outer, C, inner, CDTYPE: tl.constexpr,
     keep_t = (t > m) | (t != t)
     tc = tl.where(keep_t, t, m)
     sel = ((s > tc) | (tc > 0)).to(CDTYPE)
-    return offs, mask, s - tc, sel, keep_t, pid
+    return offs, mask, s - tc, sel, keep_t
 
 
 @triton.jit
@@ -63,8 +62,9 @@ def ofd_fwd_kernel(s_ptr, t_ptr, m_ptr, out_ptr, gs_ptr, gt_ptr, outer, C, inner
     gs_ptr, gt_ptr: grad_scale * dd/ds, dd/dt (input dtype, s's storage; unused unless NEED_GS/NEED_GT)
     scale_bits:     grad_scale as ``scalar_bits``
     """
-    offs, mask, diff, sel, keep_t, pid = _ofd_elem(s_ptr, t_ptr, m_ptr, outer, C, inner, CDTYPE,
-                                                   BLOCK_O, BLOCK_C, BLOCK_I)
+    pid = tl.program_id(0).to(tl.int64)
+    offs, mask, diff, sel, keep_t = _ofd_elem(pid, s_ptr, t_ptr, m_ptr, outer, C, inner, CDTYPE,
+                                              BLOCK_O, BLOCK_C, BLOCK_I)
     d = diff * diff * sel  # a product keeps NaN where the mask is 0
     if STORE_D:
         tl.store(out_ptr + offs, d.to(out_ptr.dtype.element_ty), mask=mask)
@@ -89,8 +89,8 @@ def ofd_bwd_kernel(gd_ptr, s_ptr, t_ptr, m_ptr, gs_ptr, gt_ptr, outer, C, inner,
     m_ptr:          [C] margin, compute dtype
     gs_ptr, gt_ptr: grad_d * dd/ds, grad_d * dd/dt (input dtype)
     """
-    offs, mask, diff, sel, keep_t, _ = _ofd_elem(s_ptr, t_ptr, m_ptr, outer, C, inner, CDTYPE,
-                                                 BLOCK_O, BLOCK_C, BLOCK_I)
+    offs, mask, diff, sel, keep_t = _ofd_elem(tl.program_id(0).to(tl.int64), s_ptr, t_ptr, m_ptr, outer, C,
+                                              inner, CDTYPE, BLOCK_O, BLOCK_C, BLOCK_I)
     gd = tl.load(gd_ptr + offs, mask=mask, other=0).to(CDTYPE)
     g = gd * sel * 2 * diff
     if NEED_GS:
