@@ -21,9 +21,8 @@ OVER_TARGET = {
     ("nd", "fp32"): "gathered class-mean rows (one per sample, 1 unit) plus the upstream-gradient pass",
     ("nd", "bf16"): "as fp32",
     ("lsh", "fp32"): "GEMM tile re-reads of f_s/f_t/W/G counted as requested bytes; float32 3xTF32 tiles "
-                     "are register-limited to 64x64",
+                     "are register-limited (64x128 projection, 64x64 G W)",
     ("lsh", "bf16"): "GEMM tile re-reads counted as requested bytes (64x128 tiles)",
-    ("sp", "bf16"): "split-K Gram partials and the upstream-gradient pass weigh more at half the input bytes",
 }
 
 

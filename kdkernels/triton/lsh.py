@@ -212,10 +212,14 @@ def lsh_grad_kernel(g_ptr, w_ptr, fs_ptr, ft_ptr, rw_ptr, part_ptr, sse_ptr, row
                      (-gmse).to(gt_ptr.dtype.element_ty), mask=m)
 
 
-def chunk_rows(B: int, N: int, elem_bytes: int, block_m: int) -> int:
-    """Rows per chunk: the chunk's [chunk, N] G within L2_CHUNK_BYTES, a multiple of block_m."""
+MAX_GRID_YZ = 65535  # CUDA's limit on grid dimensions y and z
+
+
+def chunk_rows(B: int, N: int, elem_bytes: int, block_m: int, min_block_m: int) -> int:
+    """Rows per chunk: the chunk's [chunk, N] G within L2_CHUNK_BYTES, a multiple of block_m,
+    and few enough row blocks (grid axis 1) for CUDA's grid limit."""
     fit = max(block_m, (L2_CHUNK_BYTES // max(1, N * elem_bytes)) // block_m * block_m)
-    return min(B, fit)
+    return min(B, fit, MAX_GRID_YZ * min_block_m // block_m * block_m)
 
 
 def lsh_forward(f_s, f_t, weight, bias, teacher_codes, mse_weight, row_weight, need_grad_s, need_grad_t):
@@ -242,7 +246,7 @@ def lsh_forward(f_s, f_t, weight, bias, teacher_codes, mse_weight, row_weight, n
     pm, pn, pk, p_warps, p_stages = proj_config(kind, use_codes, _utils.arch(dev), need_gs)
     gm, gd, gk, g_warps, g_stages = grad_config(kind, _utils.arch(dev))
     g_dtype = f_s.dtype  # the second GEMM runs in the input dtype, as autograd's would
-    chunk = chunk_rows(B, N, torch.finfo(g_dtype).bits // 8, max(pm, gm))
+    chunk = chunk_rows(B, N, torch.finfo(g_dtype).bits // 8, max(pm, gm), min(pm, gm))
     n_parts = cdiv(N, pn)
     g_buf = torch.empty((chunk, N) if need_gs else (0,), dtype=g_dtype, device=dev)
     part = torch.empty((n_parts, chunk), dtype=cdtype, device=dev)
