@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 
-.PHONY: run test setup build bench harness aot clean
+.PHONY: run test setup build bench harness aot traffic gpu-check clean
 
 run: build
 	$(PY) -m kdkernels
@@ -44,6 +44,13 @@ harness: build
 
 aot: build
 	$(PY) -m kdkernels.triton.aot
+
+traffic: build
+	$(PY) -m kdkernels.triton.traffic
+
+# the Triton backend on a CUDA GPU (tests, CUDA graphs, torch.compile, bench JSON); skips without one
+gpu-check: build
+	PY=$(PY) scripts/gpu_check.sh
 
 clean:
 	rm -rf build *.egg-info kdkernels/_C*.so

@@ -18,7 +18,8 @@ Conventions: ``rows`` is the [B] per-row loss l_i in the compute dtype (float64
 for float64 inputs, else float32); grads are those of ``sum_i row_weight[i] * l_i``
 (``row_weight`` [B] contiguous, compute dtype); a gradient not asked for comes
 back as an empty tensor (numel 0). ``margin`` is [C] contiguous in the compute
-dtype, ``labels`` int64 and range-checked, ``bias``/``f_t``/``teacher_codes``
+dtype, ``labels`` int64 and range-checked for the CPU backend (for Triton: any
+int dtype, unchecked; its kernel makes a row with an out-of-range label NaN), ``bias``/``f_t``/``teacher_codes``
 may be None (f_t only when mse_weight == 0 and codes are given). Inputs may be
 strided; none is ever written.
 
@@ -162,6 +163,15 @@ def scale_grad(grad: Tensor, grad_output: Tensor) -> Optional[Tensor]:
     return grad * grad_output.to(grad.dtype)
 
 
+def _scale_saved(ctx, grads, grad_output: Tensor):
+    """The saved unit-upstream gradients times grad_output. Triton: one multiply, never
+    a host read of grad_output (float32 math, the gradient's dtype). Not in place: the
+    saved gradient must survive for a second backward (gradcheck, retain_graph)."""
+    if ctx.backend != "triton":
+        return tuple(scale_grad(g, grad_output) for g in grads)
+    return tuple(g * grad_output if g.numel() else None for g in grads)
+
+
 def _row_weight_for(reduction: str, batch: int, like: Tensor, mask: Optional[Tensor] = None,
                     batchmean_div: Optional[float] = None) -> Tensor:
     """[B] weights that turn per-row losses into the reduced loss."""
@@ -228,7 +238,7 @@ def ofd_backward(ctx, grad_loss, *_unused):
         grad_s, grad_t = call(ofd_bwd, grad_loss, s, t, margin, ctx.backend, *ctx.need)
         grads = (grad_s if ctx.need[0] else None, grad_t if ctx.need[1] else None)
     else:
-        grads = tuple(scale_grad(g, grad_loss) for g in ctx.saved_tensors)
+        grads = _scale_saved(ctx, ctx.saved_tensors, grad_loss)
     return grads + (None,) * 5
 
 
@@ -247,18 +257,29 @@ def _rows_backward(ctx, grad_loss, op_backward):
             row_weight = row_weight * saved[-1].to(row_weight.dtype)
         grad_a, grad_b = op_backward(row_weight.contiguous(), ctx)
         return (grad_a if ctx.need[0] else None, grad_b if ctx.need[1] else None)
-    return tuple(scale_grad(g, grad_loss) for g in ctx.saved_tensors[:2])
+    return _scale_saved(ctx, ctx.saved_tensors[:2], grad_loss)
 
 
 # --------------------------------------------------------------------------- ND
+def _nd_labels(labels: Tensor, centers: Tensor, backend: str, check: bool = True) -> Tensor:
+    """Labels as the backend reads them. CPU: range-checked here (ValueError; reads the
+    values) and int64. Triton: unchecked and in their own int dtype -- the kernel
+    checks the range on the device (NaN row), so nothing waits for the GPU."""
+    if backend == "triton":
+        return labels
+    if check:
+        V.check_label_values("labels", labels, centers.shape[0])
+    return labels.long()
+
+
 @_fused_op("kdkernels::nd_fwd")
 def nd_fwd(s: Tensor, t: Tensor, centers: Tensor, labels: Tensor, eps: float, reduction: str, backend: str,
            need_grad_s: bool, need_grad_t: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    V.check_label_values("labels", labels, centers.shape[0])
+    labels = _nd_labels(labels, centers, backend)
     grads = reduction != "none"
     w = _row_weight_for(reduction, s.shape[0], s)
     rows, grad_s, grad_t = backend_impl(backend).nd_forward(
-        s, t, centers, labels.long(), w, eps, need_grad_s and grads, need_grad_t and grads)
+        s, t, centers, labels, w, eps, need_grad_s and grads, need_grad_t and grads)
     loss = rows if reduction == "none" else (rows * w).sum()
     return loss.to(s.dtype), grad_s, grad_t
 
@@ -274,7 +295,7 @@ def _(s, t, centers, labels, eps, reduction, backend, need_grad_s, need_grad_t):
 def nd_bwd(row_weight: Tensor, s: Tensor, t: Tensor, centers: Tensor, labels: Tensor, eps: float, backend: str,
            need_grad_s: bool, need_grad_t: bool) -> Tuple[Tensor, Tensor]:
     _, grad_s, grad_t = backend_impl(backend).nd_forward(
-        s, t, centers, labels.long(), row_weight, eps, need_grad_s, need_grad_t)
+        s, t, centers, _nd_labels(labels, centers, backend, check=False), row_weight, eps, need_grad_s, need_grad_t)
     return grad_s, grad_t
 
 

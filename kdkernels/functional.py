@@ -8,6 +8,7 @@ else Triton for CUDA tensors and the C++ kernels for CPU tensors), 'triton',
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -21,10 +22,15 @@ from . import reference
 __all__ = ["lsh_loss", "lsh_codes", "nd_loss", "ofd_loss", "sp_loss"]
 
 
-def _float32_under_autocast(loss_fn):
+def _float32_under_autocast(loss_fn=None, *, gemm: bool = False):
     """Under autocast the loss runs in float32 (as torch's own losses do): floating
     inputs are cast to float32 (their gradients flow back in their own dtype) and
-    the loss comes back in float32."""
+    the loss comes back in float32. ``gemm`` (LSH, SP) on the Triton backend: the
+    inputs are cast to the autocast dtype instead, so the projection / Gram GEMMs
+    run in it as ``F.linear`` / ``mm`` would; the kernels' loss math is float32
+    anyway and the loss comes back in float32."""
+    if loss_fn is None:
+        return functools.partial(_float32_under_autocast, gemm=gemm)
 
     @functools.wraps(loss_fn)
     def wrapper(*args, **kwargs):
@@ -34,10 +40,17 @@ def _float32_under_autocast(loss_fn):
         device_type = tensors[0].device.type if tensors else "cpu"
         if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
             return loss_fn(*args, **kwargs)
-        to_float = lambda x: x.float() if isinstance(x, Tensor) and x.is_floating_point() else x  # noqa: E731
-        args, kwargs = tree_map(to_float, (args, kwargs))
+        dtype = torch.float32
+        if gemm and V.resolve_backend(kwargs.get("backend", "auto"), tensors[0].device) == "triton":
+            dtype = torch.get_autocast_dtype(device_type)
+        def cast(x):  # constants (no grad) through the cast cache: a float32 projection is cast once
+            if not (isinstance(x, Tensor) and x.is_floating_point()):
+                return x
+            return x.to(dtype) if x.requires_grad else _frozen_in_dtype(x, dtype)
+
+        args, kwargs = tree_map(cast, (args, kwargs))
         with torch.autocast(device_type, enabled=False):
-            return loss_fn(*args, **kwargs)
+            return loss_fn(*args, **kwargs).float()
 
     return wrapper
 
@@ -86,12 +99,31 @@ def _check_lsh(f_s, f_t, weight, bias, mse_weight, sample_mask, teacher_codes, r
     return V.resolve_backend(backend, f_s.device), mse_weight
 
 
+_CAST_CACHE: dict = {}  # (id(x), dtype) -> (weakref to x, x._version, x.data_ptr(), x.to(dtype))
+_CAST_CACHE_SIZE = 16
+
+
 def _frozen_in_dtype(x: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    """The kernels read one dtype: frozen operands follow the student's."""
-    return None if x is None else x.to(dtype)
+    """The kernels read one dtype: frozen operands follow the student's. A cast copy
+    is cached per (tensor, dtype) while the tensor is alive and unmodified (its
+    version counter and storage), so a float32 buffer used with bfloat16 features is
+    not re-cast every call; plain tensors in eager mode only."""
+    if x is None or x.dtype == dtype:
+        return x
+    if type(x) not in (Tensor, torch.nn.Parameter) or torch.compiler.is_compiling():
+        return x.to(dtype)
+    key = (id(x), dtype)
+    hit = _CAST_CACHE.get(key)
+    if hit is not None and hit[0]() is x and hit[1] == x._version and hit[2] == x.data_ptr():
+        return hit[3]
+    cast = x.to(dtype)
+    if len(_CAST_CACHE) >= _CAST_CACHE_SIZE:
+        _CAST_CACHE.pop(next(iter(_CAST_CACHE)))
+    _CAST_CACHE[key] = (weakref.ref(x, lambda _, k=key: _CAST_CACHE.pop(k, None)), x._version, x.data_ptr(), cast)
+    return cast
 
 
-@_float32_under_autocast
+@_float32_under_autocast(gemm=True)
 def lsh_loss(f_s: Tensor, f_t: Optional[Tensor], weight: Tensor, bias: Optional[Tensor] = None, *,
              mse_weight: float = 1.0, sample_mask: Optional[Tensor] = None, teacher_codes: Optional[Tensor] = None,
              reduction: str = "mean", backend: str = "auto") -> Tensor:
@@ -225,7 +257,7 @@ def _check_sp(pairs_s, pairs_t, p, reduction, global_batch, backend) -> str:
     return V.resolve_backend(backend, pairs_s[0].device)
 
 
-@_float32_under_autocast
+@_float32_under_autocast(gemm=True)
 def sp_loss(f_s: Union[Tensor, Sequence[Tensor]], f_t: Union[Tensor, Sequence[Tensor]], *, p: float = 2.0,
             reduction: str = "batchmean", global_batch: bool = False, group=None, backend: str = "auto") -> Tensor:
     """Similarity-preserving loss. f_s [b, ...], f_t [b, ...] (widths may differ), or

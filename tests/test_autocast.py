@@ -39,3 +39,49 @@ def test_cpu_autocast_bfloat16(backend, loss):
     # the loss equals the float32 loss of the same (bfloat16-rounded) activations
     expected = fn(s.detach().float(), teacher, "reference")
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["lsh", "sp"])
+def test_triton_autocast_runs_the_gemms_in_the_autocast_dtype(loss):
+    """Triton backend: under autocast the projection / Gram GEMMs get bfloat16 operands
+    (as F.linear / mm would); the loss is float32 and gradients keep their dtype."""
+    pytest.importorskip("triton")
+    from kdkernels import _validate as V
+    from kdkernels.triton import lsh, sp
+
+    if not V.triton_interpreting():
+        pytest.skip("CPU tensors need the Triton interpreter")
+    seen = []
+    target = lsh if loss == "lsh" else sp
+    name = "lsh_forward" if loss == "lsh" else "sp_forward"
+    original = getattr(target, name)
+
+    def spy(*args, **kwargs):
+        seen.append(args[0].dtype)
+        return original(*args, **kwargs)
+
+    fn = calls()[loss]
+    s = randn(4, 3, 2, 2, dtype=torch.float32).requires_grad_()
+    teacher = randn(4, 3, 2, 2, seed=1, dtype=torch.float32)
+    setattr(target, name, spy)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(s, teacher, "triton")
+    finally:
+        setattr(target, name, original)
+    assert seen and set(seen) == {torch.bfloat16} and out.dtype == torch.float32
+    out.backward()
+    assert s.grad.dtype == torch.float32
+    expected = fn(s.detach().bfloat16().float(), teacher.bfloat16().float(), "reference")
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=1e-3)
+
+
+def test_frozen_cast_is_cached():
+    from kdkernels import functional as F
+
+    w = torch.randn(8, 4)
+    a = F._frozen_in_dtype(w, torch.bfloat16)
+    assert F._frozen_in_dtype(w, torch.bfloat16) is a and torch.equal(a, w.bfloat16())
+    w.add_(1)  # an in-place change invalidates the cached copy
+    b = F._frozen_in_dtype(w, torch.bfloat16)
+    assert b is not a and torch.equal(b, w.bfloat16())

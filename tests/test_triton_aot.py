@@ -14,8 +14,9 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-KERNELS = ["ofd_fwd_kernel", "ofd_bwd_kernel", "nd_fwd_kernel", "lsh_fwd_kernel", "lsh_bwd_kernel",
+KERNELS = ["ofd_fwd_kernel", "ofd_bwd_kernel", "nd_fwd_kernel", "lsh_proj_kernel", "lsh_grad_kernel",
            "sp_gram_fwd_kernel", "sp_rows_fwd_kernel", "sp_bwd_kernel"]
+GEMM_KERNELS = ["lsh_proj_kernel", "lsh_grad_kernel", "sp_gram_fwd_kernel", "sp_bwd_kernel"]
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,6 +45,33 @@ def test_table_lists_kernel(aot_run, kernel, arch):
     assert f"\n{kernel}  sm_{arch}\n" in aot_run.stdout
 
 
+def _section(stdout, kernel, arch):
+    body = stdout.split(f"\n{kernel}  sm_{arch}\n", 1)[1]
+    return [line for line in body.split("\n\n", 1)[0].splitlines()[1:] if line.strip()]
+
+
+@pytest.mark.parametrize("kernel", GEMM_KERNELS)
+def test_bf16_gemms_use_native_16bit_tensor_cores(aot_run, kernel):
+    """sm_90: every bf16 GEMM tile of >= 64 rows is a wgmma with bf16 operands; the
+    16/32-row SP tiles (b <= 32) are mma.sync bf16 (wgmma needs 64 rows); sm_80: mma.sync bf16."""
+    for arch in (80, 90):
+        rows = [line for line in _section(aot_run.stdout, kernel, arch) if " bf16 " in line]
+        assert rows
+        for line in rows:
+            small = "BLOCK_M=16 " in line or "BLOCK_M=32 " in line
+            want = "mma m16n8k16 bf16" if arch == 80 or small else "wgmma m64n"
+            assert want in line and "tf32" not in line, line
+            if arch == 90 and not small:
+                assert line.split("wgmma ")[1].split()[1].startswith("bf16"), line
+
+
+def test_float32_gemms_use_tf32x3_tensor_cores(aot_run):
+    for kernel in GEMM_KERNELS:
+        for line in _section(aot_run.stdout, kernel, 90):
+            if " fp32 " in line:
+                assert "tf32" in line, line
+
+
 def test_problems_flags_spills_and_limits():
     from kdkernels.triton.aot import problems
 
@@ -55,3 +83,5 @@ def test_problems_flags_spills_and_limits():
     assert problems(dict(base, smem=200 * 1024))         # over sm_80's 163 KB
     assert not problems(dict(base, smem=200 * 1024, arch=90))
     assert problems(dict(base, error="CompilationError: x"))
+    assert problems(dict(base, dtype="bf16", mma="wgmma m64n64k8 tf32"))
+    assert not problems(dict(base, dtype="bf16", mma="wgmma m64n64k16 bf16"))

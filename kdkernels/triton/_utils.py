@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import struct
 
 import torch
 import triton
@@ -15,43 +16,66 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def compute_torch_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 inputs compute in float64, everything else in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def compute_tl_dtype(dtype: torch.dtype):
     """The constexpr compute dtype the kernels upcast to right after tl.load."""
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """input_precision of tl.dot on operands upcast to the compute dtype.
+    """input_precision of tl.dot for operands of an input dtype, as torch's matmuls do.
 
-    float16/bfloat16 inputs: "tf32" -- their upcast values are exact in TF32, so
-    products of inputs are exact (only computed operands, gradients, get rounded).
-    float32 inputs: "tf32x3" -- three TF32 tensor-core products give about
-    float32 accuracy (torch's default fp32 matmul uses no TF32); the FMA path
-    ("ieee") would need far more registers for the same tiles.
-    float64 inputs: "ieee" (the interpreter's gradchecks; exact float64 FMAs).
+    float16/bfloat16: the operands go to tl.dot unconverted (native 16-bit tensor
+    cores, float32 accumulation); input_precision does not apply to them.
+    float32: ``torch.get_float32_matmul_precision()`` -- 'highest' (torch's default)
+    keeps float32 accuracy with "tf32x3" (three TF32 products), 'high' / 'medium'
+    allow single-pass "tf32". Read on the host at launch (no device work).
+    float64: "ieee" (exact float64 FMAs).
     """
-    if dtype in _HALF:
-        return "tf32"
-    return "tf32x3" if dtype == torch.float32 else "ieee"
+    if dtype == torch.float64:
+        return "ieee"
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "tf32x3"
+    return "tf32"
 
 
-def scalars(values, dtype: torch.dtype, device) -> torch.Tensor:
-    """Float scalars passed through memory in the compute dtype (a Python float
-    argument would be specialised as float32, which breaks float64 accuracy)."""
-    return torch.tensor(list(values), dtype=compute_torch_dtype(dtype), device=device)
+def scalar_bits(value: float) -> int:
+    """A float scalar as the int64 bit pattern of its float64 value: a kernel argument
+    (no host-to-device copy, nothing to synchronise, CUDA-graph safe) that
+    ``scalar_arg`` turns back into the exact float64 in the kernel."""
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+# SM count that launch heuristics assume off a GPU (under the interpreter); None:
+# a handful of programs (enough to exercise split paths). The traffic report sets
+# it to an H100's 132 so that its counts are those of the GPU's launch configs.
+MODEL_SMS = None
+_SMS = {}
 
 
 def target_programs(device: torch.device) -> int:
-    """How many programs a split reduction aims for: ~2 waves of SMs on a GPU; a
-    handful under the interpreter (enough to exercise the split path)."""
+    """How many programs a split reduction aims for: ~2 waves of SMs (the SM count
+    is cached per device: no driver query per call)."""
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in _SMS:
+            _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        return 2 * _SMS[idx]
+    return 2 * MODEL_SMS if MODEL_SMS else 4
+
+
+_ARCH = {}
+
+
+def arch(device: torch.device) -> int:
+    """Config family of a device: 90 (Hopper and newer: wgmma, operands from shared
+    memory) or 80 (Ampere: mma.sync, operands in registers, so smaller tiles). Off a
+    GPU (the interpreter) 90, the GPU the traffic report models. Cached per device."""
+    if device.type != "cuda":
+        return 90
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _ARCH:
+        _ARCH[idx] = 90 if torch.cuda.get_device_capability(idx)[0] >= 9 else 80
+    return _ARCH[idx]
 
 
 def next_pow2(n: int) -> int:
@@ -79,3 +103,23 @@ def sqrt_rn(x):
     else:
         y = tl.sqrt_rn(x)
     return y
+
+
+@triton.jit
+def scalar_arg(bits, CDTYPE: tl.constexpr):
+    """The float scalar passed as ``scalar_bits(value)``, in the compute dtype."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True).to(CDTYPE)
+
+
+@triton.jit
+def mma(a, b, acc, DOT_PREC: tl.constexpr, INTERP: tl.constexpr):
+    """acc + a @ b on the tensor cores: 16-bit operands go in unconverted (native
+    16-bit MMA, float32 accumulation), float32 ones with DOT_PREC. INTERP (the
+    Triton interpreter, whose dot cannot multiply bfloat16) widens bfloat16
+    operands to float32 first, which is exact."""
+    if INTERP:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+        if b.dtype == tl.bfloat16:
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PREC, out_dtype=acc.dtype)

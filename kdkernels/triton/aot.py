@@ -11,10 +11,18 @@ non-zero if any config spills or exceeds a hardware limit (255 registers a
 thread, 64K registers a block, the shared memory of a block).
 
 What "every config" means: each launch wrapper has one tile config per kernel
-or a heuristic with a finite set of choices (``nd.configs()``,
-``sp.block_m_choices``, ``lsh.fwd_config``), and all of them are compiled, for each input dtype,
-with the gradient flags that use the most code (all gradients on) plus the
-loss-only forward. The flag subsets compile to a subset of that code.
+or a heuristic with a finite set of choices (``nd.configs()``, ``sp.configs()``,
+``lsh.proj_config`` / ``lsh.grad_config``, per arch family), and all of them are
+compiled, for each input dtype, with the gradient flags that use the most code
+(all gradients on) plus the loss-only forward; OFD's tile shape follows the
+layout, and its three common shapes are compiled (every shape is 1024 elements,
+8 a thread). The flag subsets compile to a subset of that code.
+
+Per config the table shows warps, pipeline stages, registers, spills, shared
+memory, occupancy (resident warps / 64, from registers, shared memory and the
+block limits) and the tensor-core instructions in the PTX (``wgmma`` on sm_90
+for tiles of >= 64 rows, ``mma.sync`` otherwise, with the operand type). A
+16-bit input whose operands reach the tensor cores widened (tf32) fails.
 """
 from __future__ import annotations
 
@@ -79,7 +87,7 @@ def _cdtype(dtype: str) -> str:
     return "fp64" if dtype == "fp64" else "fp32"
 
 
-def _jobs(dtypes) -> List[Job]:
+def _jobs(dtypes, arch: int) -> List[Job]:
 
     from . import lsh, nd, ofd, sp
 
@@ -87,18 +95,22 @@ def _jobs(dtypes) -> List[Job]:
     for dt in dtypes:
         tdt = TORCH_DTYPES[dt]
         # ---------------------------------------------------------------- OFD
-        ofd_ptrs = dict(s_ptr="in", t_ptr="in", m_ptr="c", scale_ptr="c", gs_ptr="in", gt_ptr="in", gd_ptr="in")
-        jobs.append(Job("ofd", "ofd_fwd_kernel", f"loss+grads BLOCK={ofd.BLOCK}", dt,
-                        dict(ofd_ptrs, out_ptr="c"),
-                        dict(STORE_D=False, NEED_GS=True, NEED_GT=True, BLOCK=ofd.BLOCK), ofd.NUM_WARPS,
-                        i64=("numel",)))
-        jobs.append(Job("ofd", "ofd_fwd_kernel", f"none (d) BLOCK={ofd.BLOCK}", dt, dict(ofd_ptrs, out_ptr="in"),
-                        dict(STORE_D=True, NEED_GS=False, NEED_GT=False, BLOCK=ofd.BLOCK), ofd.NUM_WARPS,
-                        i64=("numel",)))
-        jobs.append(Job("ofd", "ofd_bwd_kernel", f"grads BLOCK={ofd.BLOCK}", dt, ofd_ptrs,
-                        dict(NEED_GS=True, NEED_GT=True, BLOCK=ofd.BLOCK), ofd.NUM_WARPS, i64=("numel",)))
+        ofd_ptrs = dict(s_ptr="in", t_ptr="in", m_ptr="c", gs_ptr="in", gt_ptr="in", gd_ptr="in")
+        for n, (bo, bc, bi) in enumerate(ofd.tiles()):
+            tile = dict(BLOCK_O=bo, BLOCK_C=bc, BLOCK_I=bi)
+            shape = f"{bo}x{bc}x{bi}"
+            jobs.append(Job("ofd", "ofd_fwd_kernel", f"loss+grads {shape}", dt, dict(ofd_ptrs, out_ptr="c"),
+                            dict(STORE_D=False, NEED_GS=True, NEED_GT=True, **tile), ofd.NUM_WARPS,
+                            i64=("outer", "scale_bits")))
+            if n:  # the other kernels with the first tile shape only (same code, same 8 elements a thread)
+                continue
+            jobs.append(Job("ofd", "ofd_fwd_kernel", f"none (d) {shape}", dt, dict(ofd_ptrs, out_ptr="in"),
+                            dict(STORE_D=True, NEED_GS=False, NEED_GT=False, **tile), ofd.NUM_WARPS,
+                            i64=("outer", "scale_bits")))
+            jobs.append(Job("ofd", "ofd_bwd_kernel", f"grads {shape}", dt, ofd_ptrs,
+                            dict(NEED_GS=True, NEED_GT=True, **tile), ofd.NUM_WARPS, i64=("outer",)))
         # ---------------------------------------------------------------- ND
-        nd_ptrs = dict(s_ptr="in", t_ptr="in", c_ptr="in", lab_ptr="i64", rw_ptr="c", eps_ptr="c", rows_ptr="c",
+        nd_ptrs = dict(s_ptr="in", t_ptr="in", c_ptr="in", lab_ptr="i64", rw_ptr="c", rows_ptr="c",
                        gs_ptr="in", gt_ptr="in")
         for rows, block_d, single, warps in nd.configs():
             for grads in (False, True):
@@ -106,36 +118,40 @@ def _jobs(dtypes) -> List[Job]:
                                 f"{'loss+grads' if grads else 'loss'} ROWS={rows} BLOCK_D={block_d}"
                                 f"{'' if single else ' two-pass'} w={warps}", dt, nd_ptrs,
                                 dict(NEED_GS=grads, NEED_GT=grads, ROWS=rows, BLOCK_D=block_d, SINGLE=single),
-                                warps))
+                                warps, i64=("eps_bits",)))
         # ---------------------------------------------------------------- LSH
-        lsh_ptrs = dict(fs_ptr="in", ft_ptr="in", w_ptr="in", b_ptr="in", codes_ptr="u8", rw_ptr="c",
-                        part_loss_ptr="c", part_grad_ptr="c", mse_ptr="c", rows_ptr="c", gs_ptr="in", gt_ptr="in")
-        bb, bn, bd, warps, stages = lsh.fwd_config(tdt)
+        lsh_ptrs = dict(fs_ptr="in", ft_ptr="in", w_ptr="in", b_ptr="in", codes_ptr="u8", rw_ptr="c", g_ptr="in",
+                        part_ptr="c", sse_ptr="c", rows_ptr="c", gs_ptr="in", gt_ptr="in")
+        kind = lsh.dtype_class(tdt)
         for codes in (False, True):
             for grads in (False, True):
-                jobs.append(Job("lsh", "lsh_fwd_kernel",
-                                f"{'codes' if codes else 'f_t'} {'loss+dh@W' if grads else 'loss'} "
-                                f"{bb}x{bn}x{bd}", dt, lsh_ptrs,
-                                dict(HAS_BIAS=True, USE_CODES=codes, NEED_GS=grads, BLOCK_B=bb,
-                                     BLOCK_N=bn, BLOCK_D=bd), warps, stages))
-        jobs.append(Job("lsh", "lsh_bwd_kernel", f"mse+grads ROWS={lsh.RED_ROWS} BLOCK_D={lsh.RED_BLOCK_D}", dt,
-                        lsh_ptrs, dict(HAS_MSE=True, NEED_GS=True, NEED_GT=True, ROWS=lsh.RED_ROWS,
-                                       BLOCK_D=lsh.RED_BLOCK_D), lsh.RED_WARPS))
+                bm, bn, bk, warps, stages = lsh.proj_config(kind, codes, arch, grads)
+                jobs.append(Job("lsh", "lsh_proj_kernel",
+                                f"{'codes' if codes else 'f_t'} {'loss+G' if grads else 'loss'} {bm}x{bn}x{bk}",
+                                dt, lsh_ptrs, dict(HAS_BIAS=True, USE_CODES=codes, HAS_MSE=True, NEED_GS=grads,
+                                                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), warps, stages))
+        bm, bd, bk, warps, stages = lsh.grad_config(kind, arch)
+        jobs.append(Job("lsh", "lsh_grad_kernel", f"G@W+mse+grads {bm}x{bd}x{bk}", dt, lsh_ptrs,
+                        dict(HAS_MSE=True, NEED_GS=True, NEED_GT=True, BLOCK_M=bm, BLOCK_D=bd, BLOCK_K=bk),
+                        warps, stages, i64=("mse_bits",)))
         # ---------------------------------------------------------------- SP
-        sp_ptrs = dict(q_ptr="in", pairs_ptr="i32", a_ptr="c", as_ptr="c", at_ptr="c", rw_ptr="c", eps_ptr="c",
-                       rows_ptr="c", das_ptr="c", dat_ptr="c", da_ptr="c", dq_ptr="in")
-        for bm in sp.block_m_choices(tdt):
-            jobs.append(Job("sp", "sp_gram_fwd_kernel", f"BLOCK_M={bm} BLOCK_K={sp.GRAM_BLOCK_K}", dt, sp_ptrs,
-                            dict(BLOCK_M=bm, BLOCK_K=sp.GRAM_BLOCK_K), sp.num_warps(bm), sp.GRAM_STAGES))
+        sp_ptrs = dict(q_ptr="in", a_ptr="c", as_ptr="c", at_ptr="c", rw_ptr="c", rows_ptr="c", das_ptr="c",
+                       dat_ptr="c", da_ptr="c", dq_ptr="in")
+        _, bk, stages = sp.gemm_config(tdt, arch)
+        cfg = sp.configs(tdt, arch)
+        for bm, single in cfg["gram"]:
+            jobs.append(Job("sp", "sp_gram_fwd_kernel", f"BLOCK_M={bm} BLOCK_K={bk}{' one tile' if single else ''}",
+                            dt, sp_ptrs, dict(BLOCK_M=bm, BLOCK_K=bk, SINGLE_TILE=single), sp.num_warps(bm, tdt, arch), stages))
         for p in (1, 2):
-            jobs.append(Job("sp", "sp_rows_fwd_kernel", f"p={p} dA both ROWS={sp.ROWS_R} BLOCK_C={sp.ROWS_BLOCK_C}",
-                            dt, sp_ptrs, dict(P=p, NEED_GS=True, NEED_GT=True, ROWS=sp.ROWS_R,
-                                              BLOCK_C=sp.ROWS_BLOCK_C), sp.ROWS_WARPS))
-        for bm in sp.block_m_choices(tdt):
-            bc = sp.bwd_block_c(bm)
-            jobs.append(Job("sp", "sp_bwd_kernel", f"BLOCK_M={bm} BLOCK_K={sp.BWD_BLOCK_K} BLOCK_C={bc}",
-                            dt, sp_ptrs, dict(BLOCK_M=bm, BLOCK_K=sp.BWD_BLOCK_K, BLOCK_C=bc),
-                            sp.num_warps(bm), sp.BWD_STAGES))
+            for bc, single in cfg["rows"]:
+                jobs.append(Job("sp", "sp_rows_fwd_kernel",
+                                f"p={p} dA both ROWS={sp.ROWS_R} BLOCK_C={bc}{' one pass' if single else ''}", dt,
+                                sp_ptrs, dict(P=p, NEED_GS=True, NEED_GT=True, ROWS=sp.ROWS_R, BLOCK_C=bc,
+                                              SINGLE=single), sp.ROWS_WARPS, i64=("eps_bits",)))
+        for bm, bc, single in cfg["bwd"]:
+            jobs.append(Job("sp", "sp_bwd_kernel", f"BLOCK_M={bm} BLOCK_K={bk} BLOCK_C={bc}"
+                            f"{' dA held' if single else ' dA chunked'}", dt, sp_ptrs,
+                            dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_C=bc, SINGLE_C=single), sp.num_warps(bm, tdt, arch), stages))
     return jobs
 
 
@@ -146,6 +162,35 @@ def _cuobjdump() -> str:
     if not os.path.exists(path):
         raise FileNotFoundError(f"cuobjdump not found at {path} (it ships in the triton wheel)")
     return path
+
+
+_MMA = re.compile(r"\b(wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)\.\w+\.(\w+)|"
+                  r"mma\.sync\.aligned\.(m\d+n\d+k\d+)\.row\.col\.\w+\.(\w+))")
+# SM limits for the occupancy column (sm_80 and sm_90 agree except shared memory)
+SM_SMEM = {80: 164 * 1024, 90: 228 * 1024}
+SM_MAX_WARPS = 64
+SM_MAX_BLOCKS = 32
+
+
+def tensor_core_ops(ptx: str) -> str:
+    """The tensor-core instructions in a kernel's PTX, e.g. 'wgmma m64n128k16 bf16', or '-'."""
+    found = set()
+    for m in _MMA.finditer(ptx):
+        if m.group(2):
+            found.add(f"wgmma {m.group(2)} {m.group(3)}")
+        else:
+            found.add(f"mma {m.group(4)} {m.group(5)}")
+    return ", ".join(sorted(found)) or "-"
+
+
+def occupancy(regs: int, num_warps: int, smem: int, arch: int) -> float:
+    """Fraction of the SM's warp slots filled: blocks a SM limited by registers (256-register
+    allocation units per warp), shared memory (1 KB reserved a block), warps and blocks."""
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = 65536 // max(1, per_warp * num_warps)
+    by_smem = SM_SMEM[arch] // (smem + 1024)
+    blocks = min(by_regs, by_smem, SM_MAX_WARPS // num_warps, SM_MAX_BLOCKS)
+    return blocks * num_warps / SM_MAX_WARPS
 
 
 _USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
@@ -188,7 +233,9 @@ def compile_job(job: Job) -> dict:
     if "CDTYPE" in names:
         constexprs["CDTYPE"] = tl.float64 if cd == "fp64" else tl.float32
     if "DOT_PREC" in names:
-        constexprs["DOT_PREC"] = dot_precision(TORCH_DTYPES[job.dtype])
+        constexprs["DOT_PREC"] = dot_precision(TORCH_DTYPES[job.dtype])  # fp32: the 'highest' default, tf32x3
+    if "INTERP" in names:
+        constexprs["INTERP"] = False
     signature, attrs = {}, {}
     for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
         if param.is_constexpr:
@@ -222,8 +269,10 @@ def compile_job(job: Job) -> dict:
         spills = _SPILLS.search(log.getvalue())
         # spill bytes: ptxas's spill stores/loads; local memory if the log is missing
         spill = max(int(spills.group(2)), int(spills.group(3))) if spills else local
-        row.update(regs=regs, spill=spill, stack=stack, local=local,
-                   smem=max(shared, int(compiled.metadata.shared)), error=None)
+        smem = max(shared, int(compiled.metadata.shared))
+        row.update(regs=regs, spill=spill, stack=stack, local=local, smem=smem, error=None,
+                   mma=tensor_core_ops(compiled.asm["ptx"]), stages=job.num_stages,
+                   occupancy=occupancy(regs, job.num_warps, smem, job.arch))
     except Exception as exc:  # reported in the table, and fails the run
         row.update(regs=None, spill=None, smem=None, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
     row["seconds"] = time.time() - t0
@@ -242,6 +291,11 @@ def problems(row: dict) -> List[str]:
         out.append(f"{row['regs']} x {32 * row['num_warps']} threads > {MAX_REGS_BLOCK} registers a block")
     if row["smem"] > SMEM_LIMIT[row["arch"]]:
         out.append(f"shared {row['smem']} > {SMEM_LIMIT[row['arch']]}")
+    if row.get("dtype") in ("fp16", "bf16") and row.get("mma", "-") != "-":
+        ptx_type = {"fp16": "f16", "bf16": "bf16"}[row["dtype"]]
+        widened = [op for op in row["mma"].split(", ") if not op.endswith(" " + ptx_type)]
+        if widened:
+            out.append(f"16-bit inputs reach the tensor cores as {widened} (not native {row['dtype']})")
     return out
 
 
@@ -251,21 +305,25 @@ def format_table(rows: List[dict]) -> str:
     for kernel, arch in sorted({key(r) for r in rows}):
         group = [r for r in rows if key(r) == (kernel, arch)]
         lines.append(f"\n{kernel}  sm_{arch}")
-        lines.append(f"  {'variant':44} {'dtype':5} {'warps':>5} {'regs':>5} {'spill':>6} {'stack':>6} {'smem':>7}"
-                     "  status")
+        lines.append(f"  {'variant':44} {'dtype':5} {'warps':>5} {'stg':>3} {'regs':>5} {'spill':>6} {'smem':>7} "
+                     f"{'occ':>4}  {'tensor cores':26} status")
         for r in group:
             bad = problems(r)
             status = "OK" if not bad else "FAIL: " + "; ".join(bad)
             num = lambda v: "-" if v is None else str(v)  # noqa: E731
-            lines.append(f"  {r['variant']:44} {r['dtype']:5} {r['num_warps']:>5} {num(r['regs']):>5} "
-                         f"{num(r['spill']):>6} {num(r.get('stack')):>6} {num(r['smem']):>7}  {status}")
+            occ = "-" if r.get("occupancy") is None else f"{100 * r['occupancy']:.0f}%"
+            lines.append(f"  {r['variant']:44} {r['dtype']:5} {r['num_warps']:>5} {num(r.get('stages')):>3} "
+                         f"{num(r['regs']):>5} {num(r['spill']):>6} {num(r['smem']):>7} {occ:>4}  "
+                         f"{r.get('mma', '-'):26} {status}")
     return "\n".join(lines)
 
 
-def run(archs=ARCHS, dtypes=DTYPES, jobs: Optional[int] = None) -> List[dict]:
+def run(archs=ARCHS, dtypes=DTYPES, jobs: Optional[int] = None, kernels=None) -> List[dict]:
     todo = []
     for arch in archs:
-        for job in _jobs(dtypes):
+        for job in _jobs(dtypes, arch):
+            if kernels and job.kernel not in kernels:
+                continue
             job.arch = arch
             todo.append(job)
     workers = jobs or os.cpu_count() or 1
@@ -280,9 +338,10 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="SM versions (default: 80 90)")
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES, help="input dtypes")
     ap.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: all cores)")
+    ap.add_argument("--kernels", nargs="+", default=None, help="only these kernels (default: all)")
     args = ap.parse_args(argv)
     t0 = time.time()
-    rows = run(args.arch, args.dtypes, args.jobs)
+    rows = run(args.arch, args.dtypes, args.jobs, args.kernels)
     print(format_table(rows))
     bad = [r for r in rows if problems(r)]
     print(f"\n{len(rows)} configs compiled in {time.time() - t0:.1f} s; "

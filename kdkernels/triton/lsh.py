@@ -3,17 +3,22 @@
 Math (shared/spec/losses.md, section 1), per row i:
     h_s = f_s W^T + b,  h_t = f_t W^T + b,  y = 1[h_t > 0] (NaN where h_t is NaN)
     l_i = mse_weight/D * sum_d (f_s - f_t)^2 + 1/N * sum_j BCE(h_s, y)
-    dl/df_s = 2 mse_weight (f_s - f_t)/D + ((sigmoid(h_s) - y)/N) W,   dl/df_t = -2 mse_weight (f_s - f_t)/D
+    dl/df_s = 2 mse_weight (f_s - f_t)/D + rw/N G W,  G = sigmoid(h_s) - y,   dl/df_t = -2 mse_weight (f_s - f_t)/D
 
-No [B, N] tensor ever reaches global memory. ``lsh_fwd_kernel`` runs on a grid
-(row blocks) x (splits of the N hash functions); each program streams its N
-tiles: both projections with tl.dot on the same W tiles, the target bit (or the
-packed teacher code), the stable BCE and dL/dh_s in registers, then
-dL/dh_s @ W accumulated into its own [BLOCK_B, D] slice of a per-split scratch
-(split accumulation: [splits, B, D], read-modify-written only by its owner, so
-the order is fixed). ``lsh_bwd_kernel`` finishes the rows: a fixed-order sum of
-the splits (loss and gradient), the MSE term and its gradients for f_s and f_t.
-Both steps are deterministic; there are no atomics.
+The fused-linear-loss pattern, chunk by chunk of rows (a chunk's [chunk, N]
+G fits in L2; [B, N] is never allocated for a large batch):
+- ``lsh_proj_kernel``: one [BLOCK_M, BLOCK_N] tile of both projections per
+  program (f_s and f_t against the same W tile, K-steps of BLOCK_K, pipelined),
+  and in the epilogue the bias, the target bit (or the packed teacher code), the
+  stable BCE (per-tile row sums) and G = sigmoid(h_s) - y in [-1, 1], stored in
+  the GEMM dtype (the input dtype: 16-bit for 16-bit inputs; the row factor rw/N,
+  which float16 could not hold, is applied after the second GEMM). The programs of the first N tile also sum (f_s - f_t)^2.
+- ``lsh_grad_kernel``: dL/df_s = rw/N G W as a second tiled GEMM ([chunk, N] x [N, D]),
+  whose epilogue adds the MSE gradient and writes both feature gradients once in
+  their dtype; the programs of the first D tile finish the row losses (fixed-order
+  sum of the per-tile BCE sums). A Triton GEMM rather than torch.mm: its epilogue
+  saves materialising the MSE term and a cast pass, and the sum order is fixed.
+Everything is deterministic (no atomics) and nothing synchronises with the host.
 """
 from __future__ import annotations
 
@@ -21,18 +26,39 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, compute_tl_dtype, dot_precision, empty_grad, row_major, scalars, target_programs
+from . import _utils
+from ._utils import cdiv, compute_tl_dtype, dot_precision, empty_grad, interpreting, mma, row_major, scalar_arg, \
+    scalar_bits
 
-# Tile configs of lsh_fwd_kernel (tl.dot needs every dim >= 16): (BLOCK_B, BLOCK_N, BLOCK_D, num_warps, num_stages).
-# Half inputs run single-pass TF32 MMAs; float32 (3xTF32) and float64 (FMA) need
-# more registers per tile element, so they get smaller tiles (zero spills, see aot.py).
-FWD_CONFIG_HALF = (32, 64, 32, 8, 2)
-FWD_CONFIG_WIDE = (16, 32, 32, 4, 1)
-# lsh_bwd_kernel: rows x D chunk per program.
-RED_ROWS = 4
-RED_BLOCK_D = 256
-RED_WARPS = 4
-MAX_SCRATCH_BYTES = 256 << 20  # cap on the [splits, B, D] scratch
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of lsh_proj_kernel and
+# (BLOCK_M, BLOCK_D, BLOCK_K, num_warps, num_stages) of lsh_grad_kernel, per input
+# dtype class and arch family (80: mma.sync keeps operands in registers, so smaller
+# tiles); sized for zero spills (see aot.py). With packed codes only one projection
+# is computed, which leaves room for K-steps of 64 on sm_90; "loss": no G output.
+PROJ_CONFIG = {(90, "half"): (64, 128, 32, 8, 3), (90, "half codes"): (64, 128, 64, 8, 3),
+               (90, "fp32"): (64, 128, 16, 8, 3), (90, "fp32 codes"): (64, 64, 32, 8, 3),
+               (90, "fp32 loss"): (64, 64, 32, 8, 3),
+               (80, "half"): (64, 128, 32, 8, 3), (80, "half codes"): (64, 64, 32, 8, 3),
+               (80, "fp32"): (32, 64, 32, 8, 3), (80, "fp32 codes"): (32, 32, 32, 4, 3),
+               "fp64": (32, 32, 16, 4, 2)}
+GRAD_CONFIG = {(90, "half"): (64, 128, 64, 8, 3), (90, "fp32"): (64, 64, 32, 8, 3), (80, "half"): (64, 64, 64, 8, 3),
+               (80, "fp32"): (64, 64, 32, 8, 3), "fp64": (32, 32, 32, 4, 2)}
+L2_CHUNK_BYTES = 16 << 20  # budget for a chunk's [chunk, N] G (H100: 50 MB of L2, A100: 40 MB)
+
+
+def proj_config(kind: str, use_codes: bool, arch: int, need_gs: bool = True):
+    if kind == "fp64":
+        return PROJ_CONFIG[kind]
+    variant = f"{kind} codes" if use_codes else (kind if need_gs else f"{kind} loss")
+    return PROJ_CONFIG.get((arch, variant), PROJ_CONFIG[(arch, kind)])
+
+
+def grad_config(kind: str, arch: int):
+    return GRAD_CONFIG[kind] if kind == "fp64" else GRAD_CONFIG[(arch, kind)]
+
+
+def dtype_class(dtype: torch.dtype) -> str:
+    return "half" if dtype in (torch.float16, torch.bfloat16) else ("fp64" if dtype == torch.float64 else "fp32")
 
 
 @triton.jit
@@ -43,131 +69,157 @@ def _log1p(x):
 
 
 @triton.jit
-def lsh_fwd_kernel(fs_ptr, ft_ptr, w_ptr, b_ptr, codes_ptr, rw_ptr, part_loss_ptr, part_grad_ptr,
-                   B, D, N, stride_fs, stride_ft, stride_w, stride_codes, tiles_per_split,
-                   HAS_BIAS: tl.constexpr, USE_CODES: tl.constexpr, NEED_GS: tl.constexpr,
-                   CDTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-                   BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Hash tiles: BCE row sums and dL/dh_s @ W per split of the hash functions.
+def lsh_proj_kernel(fs_ptr, ft_ptr, w_ptr, b_ptr, codes_ptr, rw_ptr, g_ptr, part_ptr, sse_ptr,
+                    M, D, N, stride_fs, stride_ft, stride_w, stride_codes,
+                    HAS_BIAS: tl.constexpr, USE_CODES: tl.constexpr, HAS_MSE: tl.constexpr, NEED_GS: tl.constexpr,
+                    CDTYPE: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Projection tiles with the BCE epilogue, for the M rows of one chunk.
 
-    fs_ptr, ft_ptr: [B, D] student / teacher features (unit column stride; ft unused with USE_CODES)
-    w_ptr:          [N, D] projection (unit column stride)
+    fs_ptr, ft_ptr: [M, D] student / teacher features (unit column stride; ft read if not USE_CODES or HAS_MSE)
+    w_ptr:          [N, D] projection (unit column stride), input dtype
     b_ptr:          [N] bias (if HAS_BIAS)
-    codes_ptr:      [B, ceil(N/8)] uint8 teacher bits, hash j = bit j%8 of byte j//8 (if USE_CODES)
-    rw_ptr:         [B] row weights, compute dtype
-    part_loss_ptr:  [splits, B] sum_j BCE_ij over the split's hash functions, compute dtype
-    part_grad_ptr:  [splits, B, D] sum_j rw_i (sigmoid(h_s) - y)_ij / N * W_j over the split (if NEED_GS)
+    codes_ptr:      [M, ceil(N/8)] uint8 teacher bits, hash j = bit j%8 of byte j//8 (if USE_CODES)
+    rw_ptr:         [M] row weights, compute dtype
+    g_ptr:          [M, N] G = sigmoid(h_s) - y, GEMM dtype (if NEED_GS)
+    part_ptr:       [cdiv(N, BLOCK_N), M] sum_j BCE_ij over each N tile, compute dtype
+    sse_ptr:        [M] sum_d (f_s - f_t)^2, compute dtype (if HAS_MSE; written by the first N tile)
+    grid:           (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M))
     """
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1).to(tl.int64)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
-    r_ok = rows < B
-    rw = tl.load(rw_ptr + rows, mask=r_ok, other=0).to(CDTYPE)
-    g_scale = rw / N
-    loss_acc = tl.zeros([BLOCK_B], CDTYPE)
-    grad_rows = part_grad_ptr + (pid_s * B + rows)[:, None] * D
-    for it in range(0, tiles_per_split):
-        cols = (pid_s * tiles_per_split + it) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-        c_ok = cols < N
-        h_s = tl.zeros([BLOCK_B, BLOCK_N], CDTYPE)
-        h_t = tl.zeros([BLOCK_B, BLOCK_N], CDTYPE)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            d_ok = dd < D
-            w = tl.load(w_ptr + cols[:, None] * stride_w + dd[None, :], mask=c_ok[:, None] & d_ok[None, :],
-                        other=0).to(CDTYPE)  # [BLOCK_N, BLOCK_D]
-            wt = tl.trans(w)
-            fs = tl.load(fs_ptr + rows[:, None] * stride_fs + dd[None, :], mask=r_ok[:, None] & d_ok[None, :],
-                         other=0).to(CDTYPE)  # [BLOCK_B, BLOCK_D]
-            h_s = tl.dot(fs, wt, h_s, input_precision=DOT_PREC, out_dtype=CDTYPE)
-            if not USE_CODES:
-                ft = tl.load(ft_ptr + rows[:, None] * stride_ft + dd[None, :], mask=r_ok[:, None] & d_ok[None, :],
-                             other=0).to(CDTYPE)
-                h_t = tl.dot(ft, wt, h_t, input_precision=DOT_PREC, out_dtype=CDTYPE)
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + cols, mask=c_ok, other=0).to(CDTYPE)
-            h_s += bias[None, :]
-            h_t += bias[None, :]
-        valid = r_ok[:, None] & c_ok[None, :]
-        if USE_CODES:
-            byte = tl.load(codes_ptr + rows[:, None] * stride_codes + (cols // 8)[None, :], mask=valid, other=0)
-            y = ((byte.to(tl.int32) >> (cols % 8).to(tl.int32)[None, :]) & 1).to(CDTYPE)
-        else:
-            y = tl.where(h_t != h_t, h_t, (h_t > 0).to(CDTYPE))  # a NaN teacher stays NaN
-        e = tl.exp(-tl.abs(h_s))
-        # torch's form of the stable BCE, (1 - y) h + max(-h, 0) + log1p(exp(-|h|)): same values,
-        # and the same inf/NaN outcome as the reference for infinite logits
-        bce = (1 - y) * h_s + tl.where(h_s < 0, -h_s, 0) + _log1p(e)
-        loss_acc += tl.sum(tl.where(valid, bce, 0), 1)
-        if NEED_GS:
-            sig = tl.where(h_s >= 0, 1 / (1 + e), e / (1 + e))
-            g = tl.where(valid, (sig - y) * g_scale[:, None], 0)  # [BLOCK_B, BLOCK_N] = dL/dh_s
-            for d0 in range(0, D, BLOCK_D):
-                dd = d0 + tl.arange(0, BLOCK_D)
-                d_ok = dd < D
-                w = tl.load(w_ptr + cols[:, None] * stride_w + dd[None, :], mask=c_ok[:, None] & d_ok[None, :],
-                            other=0).to(CDTYPE)
-                m = r_ok[:, None] & d_ok[None, :]
-                acc = tl.load(grad_rows + dd[None, :], mask=m & (it > 0), other=0)  # first tile starts at 0
-                acc = tl.dot(g, w, acc, input_precision=DOT_PREC, out_dtype=CDTYPE)
-                tl.store(grad_rows + dd[None, :], acc, mask=m)
-    tl.store(part_loss_ptr + pid_s * B + rows, loss_acc, mask=r_ok)
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1).to(tl.int64)
+    # 64-bit tile origins, 32-bit offsets inside a tile (fewer registers in the GEMM loop)
+    fs_ptr += pid_m * BLOCK_M * stride_fs
+    ft_ptr += pid_m * BLOCK_M * stride_ft
+    w_ptr += pid_n * BLOCK_N * stride_w
+    lr = tl.arange(0, BLOCK_M)
+    lc = tl.arange(0, BLOCK_N)
+    rows = pid_m * BLOCK_M + lr.to(tl.int64)
+    cols = pid_n * BLOCK_N + lc.to(tl.int64)
+    r_ok = rows < M
+    c_ok = cols < N
+    first = pid_n == 0
+    h_s = tl.zeros([BLOCK_M, BLOCK_N], CDTYPE)
+    h_t = tl.zeros([BLOCK_M, BLOCK_N], CDTYPE)
+    sse = tl.zeros([BLOCK_M], CDTYPE)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < D
+        fm = r_ok[:, None] & k_ok[None, :]
+        w = tl.load(w_ptr + lc[:, None] * stride_w + kk[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0)
+        fs = tl.load(fs_ptr + lr[:, None] * stride_fs + kk[None, :], mask=fm, other=0)
+        h_s = mma(fs, tl.trans(w), h_s, DOT_PREC, INTERP)
+        if not USE_CODES:
+            ft = tl.load(ft_ptr + lr[:, None] * stride_ft + kk[None, :], mask=fm, other=0)
+            h_t = mma(ft, tl.trans(w), h_t, DOT_PREC, INTERP)
+            if HAS_MSE:
+                diff = fs.to(CDTYPE) - ft.to(CDTYPE)
+                sse += tl.sum(diff * diff, 1)  # kept by the first N tile only
+        elif HAS_MSE:
+            if first:
+                ft = tl.load(ft_ptr + lr[:, None] * stride_ft + kk[None, :], mask=fm, other=0)
+                diff = fs.to(CDTYPE) - ft.to(CDTYPE)
+                sse += tl.sum(diff * diff, 1)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cols, mask=c_ok, other=0).to(CDTYPE)
+        h_s += bias[None, :]
+        h_t += bias[None, :]
+    valid = r_ok[:, None] & c_ok[None, :]
+    if USE_CODES:
+        codes_tile = codes_ptr + pid_m * BLOCK_M * stride_codes + pid_n * (BLOCK_N // 8)
+        byte = tl.load(codes_tile + lr[:, None] * stride_codes + (lc // 8)[None, :], mask=valid, other=0)
+        y = ((byte.to(tl.int32) >> (lc % 8)[None, :]) & 1).to(CDTYPE)
+    else:
+        y = tl.where(h_t != h_t, h_t, (h_t > 0).to(CDTYPE))  # a NaN teacher stays NaN
+    e = tl.exp(-tl.abs(h_s))
+    # torch's form of the stable BCE, (1 - y) h + max(-h, 0) + log1p(exp(-|h|)): same values,
+    # and the same inf/NaN outcome as the reference for infinite logits
+    bce = (1 - y) * h_s + tl.where(h_s < 0, -h_s, 0) + _log1p(e)
+    tl.store(part_ptr + pid_n * M + rows, tl.sum(tl.where(valid, bce, 0), 1), mask=r_ok)
+    if HAS_MSE:
+        if first:
+            tl.store(sse_ptr + rows, sse, mask=r_ok)
+    if NEED_GS:
+        sig = tl.where(h_s >= 0, 1 / (1 + e), e / (1 + e))
+        g = sig - y
+        g_tile = g_ptr + pid_m * BLOCK_M * N + pid_n * BLOCK_N
+        tl.store(g_tile + lr[:, None] * N + lc[None, :], g.to(g_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
-def lsh_bwd_kernel(fs_ptr, ft_ptr, rw_ptr, part_loss_ptr, part_grad_ptr, mse_ptr, rows_ptr, gs_ptr, gt_ptr,
-                   B, D, N, splits, stride_fs, stride_ft, stride_gs, stride_gt,
-                   HAS_MSE: tl.constexpr, NEED_GS: tl.constexpr, NEED_GT: tl.constexpr,
-                   CDTYPE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Finishes the rows: fixed-order sum over splits, MSE term, final gradients.
+def lsh_grad_kernel(g_ptr, w_ptr, fs_ptr, ft_ptr, rw_ptr, part_ptr, sse_ptr, rows_ptr, gs_ptr, gt_ptr,
+                    M, D, N, n_parts, stride_w, stride_fs, stride_ft, stride_gs, stride_gt, mse_bits,
+                    HAS_MSE: tl.constexpr, NEED_GS: tl.constexpr, NEED_GT: tl.constexpr,
+                    CDTYPE: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dL/df_s = rw/N G W + MSE gradient, dL/df_t, and the row losses, for one chunk.
 
-    fs_ptr, ft_ptr: [B, D] features (unit column stride; ft read only if HAS_MSE)
-    rw_ptr:         [B] row weights, compute dtype
-    part_loss_ptr:  [splits, B] BCE row sums per split
-    part_grad_ptr:  [splits, B, D] dL/dh_s @ W per split (read if NEED_GS)
-    mse_ptr:        [1] mse_weight, compute dtype
-    rows_ptr:       [B] per-row loss l_i, compute dtype
-    gs_ptr, gt_ptr: [B, D] row_weight_i * dl_i/df_s, dl_i/df_t (input dtype)
+    g_ptr:          [M, N] G from lsh_proj_kernel (read if NEED_GS)
+    w_ptr:          [N, D] projection (unit column stride)
+    fs_ptr, ft_ptr: [M, D] features (read if HAS_MSE)
+    rw_ptr:         [M] row weights, compute dtype
+    part_ptr:       [n_parts, M] per-N-tile BCE row sums;  sse_ptr: [M] sum_d (f_s - f_t)^2 (if HAS_MSE)
+    rows_ptr:       [M] per-row loss l_i, compute dtype (written by the programs of the first D tile)
+    gs_ptr, gt_ptr: [M, D] rw_i dl_i/df_s, rw_i dl_i/df_t in the input dtype (if NEED_GS / NEED_GT)
+    mse_bits:       mse_weight as ``scalar_bits``
+    grid:           (cdiv(D, BLOCK_D) if a gradient is wanted else 1, cdiv(M, BLOCK_M))
     """
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
-    r_ok = rows < B
-    bce = tl.zeros([ROWS], CDTYPE)
-    for sp in range(0, splits):
-        bce += tl.load(part_loss_ptr + sp * B + rows, mask=r_ok, other=0)
-    loss = bce / N
-    if HAS_MSE or NEED_GS or NEED_GT:
-        mse_w = tl.load(mse_ptr)
-        rw = tl.load(rw_ptr + rows, mask=r_ok, other=0)
-        coef = 2 * mse_w / D * rw  # d/d f_s of rw * mse_w/D * (f_s - f_t)^2, per unit (f_s - f_t)
-        sse = tl.zeros([ROWS], CDTYPE)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            m = r_ok[:, None] & (dd < D)[None, :]
-            if HAS_MSE:
-                fs = tl.load(fs_ptr + rows[:, None] * stride_fs + dd[None, :], mask=m, other=0).to(CDTYPE)
-                ft = tl.load(ft_ptr + rows[:, None] * stride_ft + dd[None, :], mask=m, other=0).to(CDTYPE)
-                diff = fs - ft
-                sse += tl.sum(diff * diff, 1)
-                gmse = coef[:, None] * diff
-            else:
-                gmse = tl.zeros([ROWS, BLOCK_D], CDTYPE)
-            if NEED_GS:
-                gs = tl.zeros([ROWS, BLOCK_D], CDTYPE)
-                for sp in range(0, splits):
-                    gs += tl.load(part_grad_ptr + (sp * B + rows)[:, None] * D + dd[None, :], mask=m, other=0)
-                gs += gmse
-                tl.store(gs_ptr + rows[:, None] * stride_gs + dd[None, :], gs.to(gs_ptr.dtype.element_ty), mask=m)
-            if NEED_GT:
-                tl.store(gt_ptr + rows[:, None] * stride_gt + dd[None, :], (-gmse).to(gt_ptr.dtype.element_ty), mask=m)
+    pid_d = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    r_ok = rows < M
+    mse_w = scalar_arg(mse_bits, CDTYPE)
+    if pid_d == 0:  # finish the rows: fixed-order sum over the N tiles
+        bce = tl.zeros([BLOCK_M], CDTYPE)
+        for p in range(0, n_parts):
+            bce += tl.load(part_ptr + p * M + rows, mask=r_ok, other=0)
+        loss = bce / N
         if HAS_MSE:
-            loss += mse_w * (sse / D)
-    tl.store(rows_ptr + rows, loss, mask=r_ok)
+            loss += mse_w * (tl.load(sse_ptr + rows, mask=r_ok, other=0) / D)
+        tl.store(rows_ptr + rows, loss, mask=r_ok)
+    if NEED_GS or NEED_GT:
+        lr = tl.arange(0, BLOCK_M)  # 64-bit tile origins, 32-bit offsets inside the tiles
+        ld = tl.arange(0, BLOCK_D)
+        d_ok = pid_d * BLOCK_D + ld < D
+        m = r_ok[:, None] & d_ok[None, :]
+        row0 = pid_m * BLOCK_M
+        col0 = pid_d * BLOCK_D
+        acc = tl.zeros([BLOCK_M, BLOCK_D], CDTYPE)
+        if NEED_GS:
+            g_tile = g_ptr + row0 * N
+            w_tile = w_ptr + col0
+            for n0 in range(0, N, BLOCK_K):
+                nn = n0 + tl.arange(0, BLOCK_K)
+                n_ok = nn < N
+                g = tl.load(g_tile + lr[:, None] * N + nn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0)
+                w = tl.load(w_tile + nn[:, None] * stride_w + ld[None, :], mask=n_ok[:, None] & d_ok[None, :],
+                            other=0)
+                acc = mma(g, w, acc, DOT_PREC, INTERP)
+        rw = tl.load(rw_ptr + rows, mask=r_ok, other=0).to(CDTYPE)
+        if HAS_MSE:
+            fs = tl.load(fs_ptr + row0 * stride_fs + col0 + lr[:, None] * stride_fs + ld[None, :], mask=m,
+                         other=0).to(CDTYPE)
+            ft = tl.load(ft_ptr + row0 * stride_ft + col0 + lr[:, None] * stride_ft + ld[None, :], mask=m,
+                         other=0).to(CDTYPE)
+            gmse = (2 * mse_w / D * rw)[:, None] * (fs - ft)
+        else:
+            gmse = tl.zeros([BLOCK_M, BLOCK_D], CDTYPE)
+        if NEED_GS:
+            tl.store(gs_ptr + row0 * stride_gs + col0 + lr[:, None] * stride_gs + ld[None, :],
+                     (acc * (rw / N)[:, None] + gmse).to(gs_ptr.dtype.element_ty), mask=m)
+        if NEED_GT:
+            tl.store(gt_ptr + row0 * stride_gt + col0 + lr[:, None] * stride_gt + ld[None, :],
+                     (-gmse).to(gt_ptr.dtype.element_ty), mask=m)
 
 
-def fwd_config(dtype: torch.dtype):
-    """(BLOCK_B, BLOCK_N, BLOCK_D, num_warps, num_stages) of lsh_fwd_kernel for an input dtype."""
-    return FWD_CONFIG_HALF if dtype in (torch.float16, torch.bfloat16) else FWD_CONFIG_WIDE
+MAX_GRID_YZ = 65535  # CUDA's limit on grid dimensions y and z
+
+
+def chunk_rows(B: int, N: int, elem_bytes: int, block_m: int, min_block_m: int) -> int:
+    """Rows per chunk: the chunk's [chunk, N] G within L2_CHUNK_BYTES, a multiple of block_m,
+    and few enough row blocks (grid axis 1) for CUDA's grid limit."""
+    fit = max(block_m, (L2_CHUNK_BYTES // max(1, N * elem_bytes)) // block_m * block_m)
+    return min(B, fit, MAX_GRID_YZ * min_block_m // block_m * block_m)
 
 
 def lsh_forward(f_s, f_t, weight, bias, teacher_codes, mse_weight, row_weight, need_grad_s, need_grad_t):
@@ -185,35 +237,38 @@ def lsh_forward(f_s, f_t, weight, bias, teacher_codes, mse_weight, row_weight, n
     rw = row_weight.contiguous()
     codes = teacher_codes.contiguous() if use_codes else fs
     b = bias.contiguous() if bias is not None else rw
-
-    BLOCK_B, BLOCK_N, BLOCK_D, fwd_warps, fwd_stages = fwd_config(f_s.dtype)
-    row_blocks = cdiv(B, BLOCK_B)
-    n_tiles = cdiv(N, BLOCK_N)
-    splits = max(1, min(n_tiles, target_programs(dev) // row_blocks))
-    if need_gs:  # bound the scratch
-        per_split = B * D * (8 if cdtype == torch.float64 else 4)
-        splits = max(1, min(splits, MAX_SCRATCH_BYTES // max(per_split, 1)))
-    tiles_per_split = cdiv(n_tiles, splits)
-    splits = cdiv(n_tiles, tiles_per_split)
-
-    part_loss = torch.empty((splits, B), dtype=cdtype, device=dev)
-    part_grad = torch.empty((splits, B, D) if need_gs else (0,), dtype=cdtype, device=dev)
     rows = torch.empty(B, dtype=cdtype, device=dev)
     gs = empty_grad(f_s, need_gs)
     gt = empty_grad(f_t, need_gt) if f_t is not None else f_s.new_empty(0)
     if B == 0:
         return rows, gs, gt
-    cd = compute_tl_dtype(f_s.dtype)
-    lsh_fwd_kernel[(row_blocks, splits)](
-        fs, ft, w, b, codes, rw, part_loss, part_grad if need_gs else part_loss,
-        B, D, N, fs.stride(0), ft.stride(0), w.stride(0), codes.stride(0) if use_codes else 0, tiles_per_split,
-        HAS_BIAS=bias is not None, USE_CODES=use_codes, NEED_GS=need_gs, CDTYPE=cd,
-        DOT_PREC=dot_precision(f_s.dtype), BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        num_warps=fwd_warps, num_stages=fwd_stages)
-    lsh_bwd_kernel[(cdiv(B, RED_ROWS),)](
-        fs, ft, rw, part_loss, part_grad if need_gs else part_loss, scalars([mse_weight], f_s.dtype, dev), rows,
-        gs if need_gs else rows, gt if need_gt else rows,
-        B, D, N, splits, fs.stride(0), ft.stride(0), gs.stride(0) if need_gs else 0, gt.stride(0) if need_gt else 0,
-        HAS_MSE=has_mse, NEED_GS=need_gs, NEED_GT=need_gt, CDTYPE=cd, ROWS=RED_ROWS, BLOCK_D=RED_BLOCK_D,
-        num_warps=RED_WARPS)
+    kind = dtype_class(f_s.dtype)
+    pm, pn, pk, p_warps, p_stages = proj_config(kind, use_codes, _utils.arch(dev), need_gs)
+    gm, gd, gk, g_warps, g_stages = grad_config(kind, _utils.arch(dev))
+    g_dtype = f_s.dtype  # the second GEMM runs in the input dtype, as autograd's would
+    chunk = chunk_rows(B, N, torch.finfo(g_dtype).bits // 8, max(pm, gm), min(pm, gm))
+    n_parts = cdiv(N, pn)
+    g_buf = torch.empty((chunk, N) if need_gs else (0,), dtype=g_dtype, device=dev)
+    part = torch.empty((n_parts, chunk), dtype=cdtype, device=dev)
+    sse = torch.empty(chunk if has_mse else 0, dtype=cdtype, device=dev)
+    common = dict(CDTYPE=compute_tl_dtype(f_s.dtype), DOT_PREC=dot_precision(f_s.dtype), INTERP=interpreting())
+    mse_bits = scalar_bits(mse_weight)
+    for r0 in range(0, B, chunk):
+        M = min(chunk, B - r0)
+        sl = slice(r0, r0 + M)
+        fs_c, ft_c, rw_c = fs[sl], ft[sl] if f_t is not None else fs[sl], rw[sl]
+        codes_c = codes[sl]
+        lsh_proj_kernel[(n_parts, cdiv(M, pm))](
+            fs_c, ft_c, w, b, codes_c, rw_c, g_buf if need_gs else part, part, sse if has_mse else part,
+            M, D, N, fs.stride(0), ft.stride(0), w.stride(0), codes.stride(0) if use_codes else 0,
+            HAS_BIAS=bias is not None, USE_CODES=use_codes, HAS_MSE=has_mse, NEED_GS=need_gs,
+            BLOCK_M=pm, BLOCK_N=pn, BLOCK_K=pk, num_warps=p_warps, num_stages=p_stages, **common)
+        grads = need_gs or need_gt
+        lsh_grad_kernel[(cdiv(D, gd) if grads else 1, cdiv(M, gm))](
+            g_buf if need_gs else part, w, fs_c, ft_c, rw_c, part, sse if has_mse else part, rows[sl],
+            gs[sl] if need_gs else rows, gt[sl] if need_gt else rows,
+            M, D, N, n_parts, w.stride(0), fs.stride(0), ft.stride(0),
+            gs.stride(0) if need_gs else 0, gt.stride(0) if need_gt else 0, mse_bits,
+            HAS_MSE=has_mse, NEED_GS=need_gs, NEED_GT=need_gt,
+            BLOCK_M=gm, BLOCK_D=gd, BLOCK_K=gk, num_warps=g_warps, num_stages=g_stages, **common)
     return rows, gs, gt
