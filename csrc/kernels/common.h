@@ -1,0 +1,92 @@
+// Shared helpers of the per-ISA kernels (csrc/kernels/*.cpp). Each kernel
+// module compiles these with its own ISA flags and CPU_CAPABILITY, so the code
+// lives in kdk::CPU_CAPABILITY (as ATen's at::vec does) and is never linked
+// into another module.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "../kernels.h"
+
+namespace kdk {
+inline namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+// Compute type: double for double, float for float, float16 and bfloat16.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// f(T{}) for the element type named by `d`.
+template <class F>
+decltype(auto) with_dtype(Dtype d, F&& f) {
+  switch (d) {
+    case Dtype::kDouble: return f(double{});
+    case Dtype::kHalf: return f(c10::Half{});
+    case Dtype::kBFloat16: return f(c10::BFloat16{});
+    case Dtype::kFloat: break;
+  }
+  return f(float{});
+}
+
+// f(A{}) for a compute dtype (float or double).
+template <class F>
+decltype(auto) with_acc(Dtype d, F&& f) {
+  return d == Dtype::kDouble ? f(double{}) : f(float{});
+}
+
+// Elements per tile when a float16/bfloat16 row is converted to float first.
+constexpr int64_t kTile = 256;
+
+// p as compute-type elements: p itself when T already is, else its first n
+// (<= kTile) elements converted into buf.
+template <typename T>
+C10_ALWAYS_INLINE const acc_t<T>* as_acc(const T* p, acc_t<T>* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    return p;
+  } else {
+    at::vec::convert(p, buf, n);
+    return buf;
+  }
+}
+
+// v loaded from p (n <= size() elements; the rest are 0).
+template <typename A>
+C10_ALWAYS_INLINE Vectorized<A> load(const A* p, int64_t n) {
+  return n == Vectorized<A>::size() ? Vectorized<A>::loadu(p) : Vectorized<A>::loadu(p, n);
+}
+template <typename A>
+C10_ALWAYS_INLINE void store(A* p, const Vectorized<A>& v, int64_t n) {
+  if (n == Vectorized<A>::size()) {
+    v.store(p);
+  } else {
+    v.store(p, static_cast<int>(n));
+  }
+}
+// v with lanes from n on set to 0 (a partial vector's unused lanes).
+template <typename A>
+C10_ALWAYS_INLINE Vectorized<A> first(const Vectorized<A>& v, int64_t n) {
+  return n == Vectorized<A>::size() ? v : Vectorized<A>::set(Vectorized<A>(A(0)), v, n);
+}
+// The lanes of v added to `sum` in lane order (deterministic).
+template <typename A>
+C10_ALWAYS_INLINE void add_lanes(double& sum, const Vectorized<A>& v) {
+  __at_align__ A lanes[Vectorized<A>::size()];
+  v.store(lanes);
+  for (int64_t l = 0; l < Vectorized<A>::size(); ++l) sum += static_cast<double>(lanes[l]);
+}
+// 1 where mask is set, 0 elsewhere (mask: a comparison result, all bits per lane).
+template <typename A>
+C10_ALWAYS_INLINE Vectorized<A> ones_where(const Vectorized<A>& mask) {
+  return mask & Vectorized<A>(A(1));
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace kdk
