@@ -33,9 +33,9 @@ struct KernelTable {
              int64_t c_row, const int64_t* labels, const void* row_weight, double eps, int64_t B, int64_t D,
              void* rows, void* gs, int64_t gs_row, void* gt, int64_t gt_row);
 
-  // LSH fused pass over one chunk of logits H (acc, [2B, nc] or [B, nc] with
-  // codes; rows i < B are the student's and become dh when grad_s).
-  void (*lsh_chunk)(Dtype acc, bool use_codes, bool grad_s, void* H, int64_t B, int64_t nc,
+  // LSH fused pass over one chunk of logits, Hs and Ht (acc, [B, nc]; no Ht
+  // with codes); Hs becomes dh when grad_s.
+  void (*lsh_chunk)(Dtype acc, bool use_codes, bool grad_s, void* Hs, const void* Ht, int64_t B, int64_t nc,
                     const uint8_t* codes, int64_t code_row, int64_t n0, const void* bias, const void* w,
                     double inv_n, double* bce_sum);
   // LSH last per-row pass: rows, the MSE term, the outputs' final form.

@@ -2,7 +2,7 @@
 // of N, never held as [B, N].
 //
 // Per chunk of nc hash functions (W_c = weight[n0:n0+nc], [nc, D]):
-//   H = [f_s; f_t] @ W_c^T                      (one GEMM, [2B, nc]; [B, nc] with codes)
+//   H_s = f_s @ W_c^T, H_t = f_t @ W_c^T        (two GEMMs, [B, nc]; no H_t with codes)
 //   fused pass per row (bias added here):
 //     y = h_t > 0 (NaN h_t -> NaN y), or bit j of the packed teacher codes
 //     bce = (1 - y) h_s - min(h_s, 0) + log1p(exp(-|h_s|))  (row sums in double)
@@ -21,7 +21,7 @@
 namespace kdk {
 namespace {
 
-// Columns per chunk: the [R, nc] logits block stays around 4 MiB (cache
+// Columns per chunk: the logits blocks ([R, nc] together, R = 2B or B) stay around 4 MiB (cache
 // resident between the GEMM, the fused pass and the gradient GEMM; few enough
 // chunks that the per-chunk GEMMs stay large), a multiple of 64 columns, and
 // all of N when it fits.
@@ -61,8 +61,7 @@ TensorTriple lsh_forward(const Tensor& f_s, const c10::optional<Tensor>& f_t_opt
                 "kdkernels lsh: teacher_codes must be uint8 [B, ceil(N/8)]");
   }
   const Tensor w = row_weight.contiguous();
-  const Tensor X = use_codes ? Fs : at::cat({Fs, Ft}, 0);  // [R, D]
-  const int64_t R = X.size(0);
+  const int64_t R = use_codes ? B : 2 * B;  // logit rows per chunk
 
   Tensor rows = at::empty({B}, acc_opts);
   Tensor grad_s = need_grad_s ? at::empty_like(f_s) : at::empty({0}, f_s.options());
@@ -73,20 +72,21 @@ TensorTriple lsh_forward(const Tensor& f_s, const c10::optional<Tensor>& f_t_opt
   const double inv_n = 1.0 / static_cast<double>(N);
 
   if (B > 0 && N > 0) {
-    const int64_t nc_max = chunk_columns(R, N, X.element_size());
+    const int64_t nc_max = chunk_columns(R, N, Fs.element_size());
     const Dtype acc = kernel_dtype(acc_type);
     const uint8_t* cp = use_codes ? codes.const_data_ptr<uint8_t>() : nullptr;
     const int64_t code_row = use_codes ? codes.stride(0) : 0;
     for (int64_t n0 = 0; n0 < N; n0 += nc_max) {
       const int64_t nc = std::min(nc_max, N - n0);
       const Tensor Wc = W.narrow(0, n0, nc);  // [nc, D]
-      Tensor H = gemm(X, Wc.t());             // [R, nc], contiguous
-      kernels().lsh_chunk(acc, use_codes, need_grad_s, H.mutable_data_ptr(), B, nc, cp, code_row, n0,
+      Tensor Hs = gemm(Fs, Wc.t());           // [B, nc], contiguous
+      const Tensor Ht = use_codes ? Tensor() : gemm(Ft, Wc.t());
+      kernels().lsh_chunk(acc, use_codes, need_grad_s, Hs.mutable_data_ptr(),
+                          use_codes ? nullptr : Ht.const_data_ptr(), B, nc, cp, code_row, n0,
                           has_bias ? bias.narrow(0, n0, nc).const_data_ptr() : nullptr, w.const_data_ptr(), inv_n,
                           bce_sum.data());
       if (need_grad_s) {
-        const Tensor dH = H.narrow(0, 0, B);  // [B, nc], contiguous
-        Gs = n0 == 0 ? gemm(dH, Wc) : gemm_add(Gs, dH, Wc);
+        Gs = n0 == 0 ? gemm(Hs, Wc) : gemm_add(Gs, Hs, Wc);  // Hs holds dH now
       }
     }
   } else if (need_grad_s) {

@@ -88,5 +88,20 @@ C10_ALWAYS_INLINE Vectorized<A> ones_where(const Vectorized<A>& mask) {
   return mask & Vectorized<A>(A(1));
 }
 
+// The entries of this level's KernelTable (csrc/kernels.h documents them), one per file.
+double ofd(OfdMode mode, bool gs, bool gt, Dtype dtype, const void* s, const void* t, const void* g, void* os,
+           void* ot, const void* m, int64_t numel, int64_t C, int64_t stride_c, double scale2);
+void nd(Dtype dtype, const void* s, int64_t s_row, const void* t, int64_t t_row, const void* c, int64_t c_row,
+        const int64_t* labels, const void* row_weight, double eps, int64_t B, int64_t D, void* rows, void* gs,
+        int64_t gs_row, void* gt, int64_t gt_row);
+void lsh_chunk(Dtype acc, bool use_codes, bool gs, void* Hs, const void* Ht, int64_t B, int64_t nc,
+               const uint8_t* codes, int64_t code_row, int64_t n0, const void* bias, const void* w, double inv_n,
+               double* bce_sum);
+void lsh_rows(Dtype dtype, const void* fs, const void* ft, const void* w, void* rows, const double* bce_sum,
+              double inv_n, double mse_weight, bool use_mse, const void* gacc, void* go_s, int64_t os_row,
+              void* go_t, int64_t ot_row, int64_t B, int64_t D);
+void sp_rows(Dtype acc, const void* as, const void* at, const void* w, int64_t b, bool l1, void* rows, void* das,
+             void* dat);
+
 }  // namespace CPU_CAPABILITY
 }  // namespace kdk

@@ -43,17 +43,16 @@ C10_ALWAYS_INLINE Vf log_poly(const Vf& f, const Vf& z) {
 }
 
 // exp(x) for x <= 0 (or NaN): Cody-Waite reduction and a degree-6 polynomial
-// (~1 ulp); 0 below -88. Rounding to nearest by the 1.5 * 2^23 trick (|x| < 128).
+// (~1 ulp). Rounding to nearest by the 1.5 * 2^23 trick (|x| < 128). Below
+// -88 the clamp gives n = -127, whose scale 2^n is built as +0: the result is 0.
 C10_ALWAYS_INLINE Vf exp_nonpos(const Vf& x) {
-  const Vf zero(0.0f);
-  const Vf under = x < k(-88.0f);
-  const Vf xc = Vf::blendv(x, k(-88.0f), under);
+  const Vf xc = at::vec::maximum(x, k(-88.0f));  // NaN stays NaN
   Vf n = (xc * k(1.44269504088896341f) + k(12582912.0f)) - k(12582912.0f);
-  n = Vf::blendv(n, zero, n.isnan());  // NaN: keep the conversion defined; the result is NaN from xc
+  n = n & (n == n);  // NaN -> 0: keeps the conversion below defined; the result is NaN from xc
   const Vf r = xc - n * k(0.693359375f) + n * k(2.12194440e-4f);
   const Vf p = exp_poly(r, r * r);
   const Vi bits = (at::vec::convert_to_int_of_same_size(n) + Vi(127)) << Vi(23);  // n in [-127, 0]
-  return Vf::blendv(p * at::vec::cast<float>(bits), zero, under);
+  return p * at::vec::cast<float>(bits);
 }
 
 // log1p(e) for e in [0, 1] (or NaN), given u = 1 + e and r = 1 / u: log(u) by
@@ -111,7 +110,7 @@ double lsh_row_float(float* __restrict hs, const float* __restrict ht, const uin
       y = Vf::blendv(ones_where(hts > zero), hts, hts.isnan());  // NaN teacher -> NaN target
     }
     const Vf neg = h < zero;
-    const Vf e = exp_nonpos(Vf::blendv(h.neg(), h, neg));  // exp(-|h|); NaN stays NaN
+    const Vf e = exp_nonpos(h.abs().neg());  // exp(-|h|); NaN stays NaN
     const Vf u = one + e;
     const Vf r = one / u;
     // torch's form, (1 - y) h - log_sigmoid(h), so infinities give what the reference gives
@@ -169,12 +168,12 @@ double lsh_row_double(double* __restrict hs, const double* __restrict ht, const 
 }
 
 template <bool CODES, bool GS, typename A>
-void chunk_pass(A* H, int64_t B, int64_t nc, const uint8_t* codes, int64_t code_row, int64_t n0, const A* bias,
+void chunk_pass(A* Hs, const A* Ht, int64_t B, int64_t nc, const uint8_t* codes, int64_t code_row, int64_t n0, const A* bias,
                 const A* w, double inv_n, double* bce_sum) {
   at::parallel_for(0, B, std::max<int64_t>(1, 2048 / std::max<int64_t>(nc, 1)), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      A* hs = H + i * nc;
-      const A* ht = CODES ? nullptr : H + (B + i) * nc;
+      A* hs = Hs + i * nc;
+      const A* ht = CODES ? nullptr : Ht + i * nc;
       const uint8_t* cr = CODES ? codes + i * code_row : nullptr;
       const A coef = static_cast<A>(static_cast<double>(w[i]) * inv_n);
       if constexpr (std::is_same_v<A, float>) {
@@ -229,23 +228,24 @@ double last_row(const acc_t<T>* fs, const acc_t<T>* ft, bool use_mse, double mse
 
 }  // namespace
 
-void lsh_chunk(Dtype acc, bool use_codes, bool gs, void* H, int64_t B, int64_t nc, const uint8_t* codes,
+void lsh_chunk(Dtype acc, bool use_codes, bool gs, void* Hs, const void* Ht, int64_t B, int64_t nc, const uint8_t* codes,
                int64_t code_row, int64_t n0, const void* bias, const void* w, double inv_n, double* bce_sum) {
   with_acc(acc, [&](auto tag) {
     using A = decltype(tag);
-    A* hp = static_cast<A*>(H);
+    A* hp = static_cast<A*>(Hs);
+    const A* tp = static_cast<const A*>(Ht);
     const A* bp = static_cast<const A*>(bias);
     const A* wp = static_cast<const A*>(w);
     if (use_codes) {
       if (gs) {
-        chunk_pass<true, true, A>(hp, B, nc, codes, code_row, n0, bp, wp, inv_n, bce_sum);
+        chunk_pass<true, true, A>(hp, tp, B, nc, codes, code_row, n0, bp, wp, inv_n, bce_sum);
       } else {
-        chunk_pass<true, false, A>(hp, B, nc, codes, code_row, n0, bp, wp, inv_n, bce_sum);
+        chunk_pass<true, false, A>(hp, tp, B, nc, codes, code_row, n0, bp, wp, inv_n, bce_sum);
       }
     } else if (gs) {
-      chunk_pass<false, true, A>(hp, B, nc, codes, code_row, n0, bp, wp, inv_n, bce_sum);
+      chunk_pass<false, true, A>(hp, tp, B, nc, codes, code_row, n0, bp, wp, inv_n, bce_sum);
     } else {
-      chunk_pass<false, false, A>(hp, B, nc, codes, code_row, n0, bp, wp, inv_n, bce_sum);
+      chunk_pass<false, false, A>(hp, tp, B, nc, codes, code_row, n0, bp, wp, inv_n, bce_sum);
     }
   });
 }

@@ -6,16 +6,6 @@
 
 namespace kdk {
 inline namespace CPU_CAPABILITY {
-double ofd(OfdMode, bool, bool, Dtype, const void*, const void*, const void*, void*, void*, const void*, int64_t,
-           int64_t, int64_t, double);
-void nd(Dtype, const void*, int64_t, const void*, int64_t, const void*, int64_t, const int64_t*, const void*, double,
-        int64_t, int64_t, void*, void*, int64_t, void*, int64_t);
-void lsh_chunk(Dtype, bool, bool, void*, int64_t, int64_t, const uint8_t*, int64_t, int64_t, const void*,
-               const void*, double, double*);
-void lsh_rows(Dtype, const void*, const void*, const void*, void*, const double*, double, double, bool, const void*,
-              void*, int64_t, void*, int64_t, int64_t, int64_t);
-void sp_rows(Dtype, const void*, const void*, const void*, int64_t, bool, void*, void*, void*);
-
 #define KDK_STR2(x) #x
 #define KDK_STR(x) KDK_STR2(x)
 const KernelTable kTable = {KDK_STR(CPU_CAPABILITY), &ofd, &nd, &lsh_chunk, &lsh_rows, &sp_rows};
