@@ -31,7 +31,7 @@ $(STAMP):
 EXT_STAMP := build/.ext-built
 build: $(EXT_STAMP)
 
-$(EXT_STAMP): $(STAMP) setup.py $(wildcard csrc/*.cpp csrc/*.h)
+$(EXT_STAMP): $(STAMP) setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/kernels/*.cpp csrc/kernels/*.h)
 	$(PY) setup.py -q build_ext --inplace
 	mkdir -p build && touch $(EXT_STAMP)
 
@@ -45,4 +45,4 @@ aot: build
 	$(PY) -m kdkernels.triton.aot
 
 clean:
-	rm -rf build *.egg-info kdkernels/_C*.so
+	rm -rf build *.egg-info kdkernels/_C*.so kdkernels/_kernels_*.so

@@ -10,6 +10,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -82,6 +83,108 @@ C10_ALWAYS_INLINE void add_lanes(double& sum, const Vectorized<A>& v) {
   v.store(lanes);
   for (int64_t l = 0; l < Vectorized<A>::size(); ++l) sum += static_cast<double>(lanes[l]);
 }
+// Comparisons (all bits set per true lane), selects, neg and abs. ATen's
+// DEFAULT vectors on x86 are portable C++ whose comparisons and blends go lane
+// by lane through memset and branches, which GCC leaves scalar; there these are
+// lane loops over integer masks that GCC vectorises with the baseline SSE2.
+// Everywhere else (AVX2, AVX-512, NEON) they are ATen's own operations.
+#if defined(CPU_CAPABILITY_DEFAULT) && !defined(__aarch64__)
+template <typename A, class Op>
+C10_ALWAYS_INLINE Vectorized<A> lanes_op(const Vectorized<A>& a, const Vectorized<A>& b, Op op) {
+  constexpr int64_t W = Vectorized<A>::size();
+  __at_align__ A av[W], bv[W], out[W];
+  a.store(av);
+  b.store(bv);
+  for (int64_t l = 0; l < W; ++l) out[l] = op(av[l], bv[l]);
+  return Vectorized<A>::loadu(out);
+}
+template <typename A, class Pred>
+C10_ALWAYS_INLINE Vectorized<A> mask_op(const Vectorized<A>& a, const Vectorized<A>& b, Pred pred) {
+  using I = at::vec::int_same_size_t<A>;
+  constexpr int64_t W = Vectorized<A>::size();
+  __at_align__ A av[W], bv[W];
+  __at_align__ I out[W];
+  a.store(av);
+  b.store(bv);
+  for (int64_t l = 0; l < W; ++l) out[l] = pred(av[l], bv[l]) ? I(-1) : I(0);
+  return Vectorized<A>::loadu(out);
+}
+template <typename A>
+C10_ALWAYS_INLINE Vectorized<A> gt(const Vectorized<A>& a, const Vectorized<A>& b) {
+  return mask_op(a, b, [](A x, A y) { return x > y; });
+}
+template <typename A>
+C10_ALWAYS_INLINE Vectorized<A> lt(const Vectorized<A>& a, const Vectorized<A>& b) {
+  return mask_op(a, b, [](A x, A y) { return x < y; });
+}
+template <typename A>
+C10_ALWAYS_INLINE Vectorized<A> ge(const Vectorized<A>& a, const Vectorized<A>& b) {
+  return mask_op(a, b, [](A x, A y) { return x >= y; });
+}
+template <typename A>
+C10_ALWAYS_INLINE Vectorized<A> isnan_mask(const Vectorized<A>& a) {
+  return mask_op(a, a, [](A x, A) { return x != x; });
+}
+// mask ? b : a (mask: all bits or none per lane)
+template <typename A>
+C10_ALWAYS_INLINE Vectorized<A> select(const Vectorized<A>& a, const Vectorized<A>& b, const Vectorized<A>& mask) {
+  using I = at::vec::int_same_size_t<A>;
+  constexpr int64_t W = Vectorized<A>::size();
+  __at_align__ I av[W], bv[W], mv[W], out[W];
+  a.store(av);
+  b.store(bv);
+  mask.store(mv);
+  for (int64_t l = 0; l < W; ++l) out[l] = (bv[l] & mv[l]) | (av[l] & ~mv[l]);
+  return Vectorized<A>::loadu(out);
+}
+// max(a, b), NaN where a is NaN
+template <typename A>
+C10_ALWAYS_INLINE Vectorized<A> max_nan(const Vectorized<A>& a, const Vectorized<A>& b) {
+  return select(b, a, gt(a, b) | isnan_mask(a));
+}
+template <typename A>
+C10_ALWAYS_INLINE Vectorized<A> neg(const Vectorized<A>& a) {
+  return lanes_op(a, a, [](A x, A) { return -x; });
+}
+template <typename A>
+C10_ALWAYS_INLINE Vectorized<A> absv(const Vectorized<A>& a) {
+  return lanes_op(a, a, [](A x, A) { return std::abs(x); });
+}
+#else
+template <typename A>
+C10_ALWAYS_INLINE Vectorized<A> gt(const Vectorized<A>& a, const Vectorized<A>& b) {
+  return a > b;
+}
+template <typename A>
+C10_ALWAYS_INLINE Vectorized<A> lt(const Vectorized<A>& a, const Vectorized<A>& b) {
+  return a < b;
+}
+template <typename A>
+C10_ALWAYS_INLINE Vectorized<A> ge(const Vectorized<A>& a, const Vectorized<A>& b) {
+  return a >= b;
+}
+template <typename A>
+C10_ALWAYS_INLINE Vectorized<A> isnan_mask(const Vectorized<A>& a) {
+  return a.isnan();
+}
+template <typename A>
+C10_ALWAYS_INLINE Vectorized<A> select(const Vectorized<A>& a, const Vectorized<A>& b, const Vectorized<A>& mask) {
+  return Vectorized<A>::blendv(a, b, mask);
+}
+template <typename A>
+C10_ALWAYS_INLINE Vectorized<A> neg(const Vectorized<A>& a) {
+  return a.neg();
+}
+template <typename A>
+C10_ALWAYS_INLINE Vectorized<A> absv(const Vectorized<A>& a) {
+  return a.abs();
+}
+template <typename A>
+C10_ALWAYS_INLINE Vectorized<A> max_nan(const Vectorized<A>& a, const Vectorized<A>& b) {
+  return at::vec::maximum(a, b);
+}
+#endif
+
 // 1 where mask is set, 0 elsewhere (mask: a comparison result, all bits per lane).
 template <typename A>
 C10_ALWAYS_INLINE Vectorized<A> ones_where(const Vectorized<A>& mask) {

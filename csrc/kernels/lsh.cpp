@@ -46,12 +46,13 @@ C10_ALWAYS_INLINE Vf log_poly(const Vf& f, const Vf& z) {
 // (~1 ulp). Rounding to nearest by the 1.5 * 2^23 trick (|x| < 128). Below
 // -88 the clamp gives n = -127, whose scale 2^n is built as +0: the result is 0.
 C10_ALWAYS_INLINE Vf exp_nonpos(const Vf& x) {
-  const Vf xc = at::vec::maximum(x, k(-88.0f));  // NaN stays NaN
+  const Vf xc = max_nan(x, k(-88.0f));  // NaN stays NaN
   Vf n = (xc * k(1.44269504088896341f) + k(12582912.0f)) - k(12582912.0f);
-  n = n & (n == n);  // NaN -> 0: keeps the conversion below defined; the result is NaN from xc
+  n = select(n, k(0.0f), isnan_mask(n));  // NaN -> 0: keeps the conversion below defined; the result is NaN from xc
   const Vf r = xc - n * k(0.693359375f) + n * k(2.12194440e-4f);
   const Vf p = exp_poly(r, r * r);
-  const Vi bits = (at::vec::convert_to_int_of_same_size(n) + Vi(127)) << Vi(23);  // n in [-127, 0]
+  // the bits of 2^n, (n + 127) << 23 for n in [-127, 0], made by a float product (exact)
+  const Vi bits = at::vec::convert_to_int_of_same_size((n + k(127.0f)) * k(8388608.0f));
   return p * at::vec::cast<float>(bits);
 }
 
@@ -59,8 +60,8 @@ C10_ALWAYS_INLINE Vf exp_nonpos(const Vf& x) {
 // the Cephes logf polynomial around 1 (u halved above sqrt(2)), plus the
 // rounding error of u, (e - (u - 1)) / u, so small e keep full relative accuracy.
 C10_ALWAYS_INLINE Vf log1p_from(const Vf& e, const Vf& u, const Vf& r) {
-  const Vf big = u > k(1.41421356237f);
-  const Vf m = Vf::blendv(u, u * k(0.5f), big);
+  const Vf big = gt(u, k(1.41421356237f));
+  const Vf m = select(u, u * k(0.5f), big);
   const Vf kk = ones_where(big);
   const Vf f = m - k(1.0f);
   const Vf z = f * f;
@@ -107,16 +108,16 @@ double lsh_row_float(float* __restrict hs, const float* __restrict ht, const uin
     } else {
       Vf hts = load(ht + j, cnt);
       if (bias != nullptr) hts = hts + load(bias + j, cnt);
-      y = Vf::blendv(ones_where(hts > zero), hts, hts.isnan());  // NaN teacher -> NaN target
+      y = select(ones_where(gt(hts, zero)), hts, isnan_mask(hts));  // NaN teacher -> NaN target
     }
-    const Vf neg = h < zero;
-    const Vf e = exp_nonpos(h.abs().neg());  // exp(-|h|); NaN stays NaN
+    const Vf neg_h = lt(h, zero);
+    const Vf e = exp_nonpos(neg(absv(h)));  // exp(-|h|); NaN stays NaN
     const Vf u = one + e;
     const Vf r = one / u;
     // torch's form, (1 - y) h - log_sigmoid(h), so infinities give what the reference gives
-    const Vf bce = (one - y) * h - ((h & neg) - log1p_from(e, u, r));
+    const Vf bce = (one - y) * h - ((h & neg_h) - log1p_from(e, u, r));
     if constexpr (GS) {
-      const Vf sig = Vf::blendv(e * r, r, h >= zero);
+      const Vf sig = select(e * r, r, ge(h, zero));
       store(hs + j, vcoef * (sig - y), cnt);
     }
     acc = acc + first(bce, cnt);
@@ -216,7 +217,7 @@ double last_row(const acc_t<T>* fs, const acc_t<T>* ft, bool use_mse, double mse
       const int64_t n = std::min(W, len - k), d = d0 + k;
       const V df = use_mse ? load(fs + d, n) - load(ft + d, n) : zero;
       if (go_s != nullptr) store(so + k, use_mse ? load(g + d, n) + vc * df : load(g + d, n), n);
-      if (go_t != nullptr) store(to + k, use_mse ? (vc * df).neg() : zero, n);
+      if (go_t != nullptr) store(to + k, use_mse ? neg(vc * df) : zero, n);
     }
     if constexpr (!std::is_same_v<T, A>) {
       if (go_s != nullptr) at::vec::convert(os, go_s + d0, len);

@@ -26,16 +26,16 @@ C10_ALWAYS_INLINE void ofd_run(const A* __restrict s, const A* __restrict t, con
   auto step = [&](int64_t i, int64_t k) {  // elements i .. i + k - 1, k <= W
     const V sv = load(s + i, k), tv = load(t + i, k);
     const V mv = MV ? load(m + i, k) : m0;
-    const V keep = (tv > mv) | tv.isnan();
-    const V tc = V::blendv(mv, tv, keep);
+    const V keep = gt(tv, mv) | isnan_mask(tv);
+    const V tc = select(mv, tv, keep);
     const V diff = sv - tc;
-    const V dm = diff * ones_where((sv > tc) | (tc > zero));  // a product: NaN stays NaN
+    const V dm = diff * ones_where(gt(sv, tc) | gt(tc, zero));  // a product: NaN stays NaN
     if constexpr (M == OfdMode::kNone) {
       store(os + i, diff * dm, k);
     } else {
       const V gsv = (M == OfdMode::kBackward ? load(g + i, k) * two : vscale2) * dm;
       if constexpr (GS) store(os + i, gsv, k);
-      if constexpr (GT) store(ot + i, gsv.neg() & keep, k);
+      if constexpr (GT) store(ot + i, neg(gsv) & keep, k);
       if constexpr (M == OfdMode::kForward) acc += first(diff * dm, k);
     }
   };

@@ -26,7 +26,7 @@ double row_norm(const double* a, int64_t b, bool l1) {
   Vd acc(0.0);
   for (int64_t j = 0; j < b; j += Wd) {
     const Vd v = load(a + j, std::min(Wd, b - j));
-    acc = acc + (l1 ? v.abs() : v * v);
+    acc = acc + (l1 ? absv(v) : v * v);
   }
   const double s = hsum(acc);
   return static_cast<A>(l1 ? s : std::sqrt(s));
@@ -60,7 +60,7 @@ void row_grad(const double* a, const double* g, const double* dg, double n, doub
   for (int64_t j = 0; j < b; j += Wd) {
     const int64_t k = std::min(Wd, b - j);
     const Vd av = load(a + j, k);
-    const Vd dn = l1 ? ones_where(av > zero) - ones_where(av < zero) : (n == 0.0 ? zero : av / vn);
+    const Vd dn = l1 ? ones_where(gt(av, zero)) - ones_where(lt(av, zero)) : (n == 0.0 ? zero : av / vn);
     store(tmp + j, load(dg + j, k) / vden + vgn * dn, k);
   }
   at::vec::convert(tmp, out, b);
