@@ -32,7 +32,7 @@ $(STAMP):
 EXT_STAMP := build/.ext-built
 build: $(EXT_STAMP)
 
-$(EXT_STAMP): $(STAMP) setup.py $(wildcard csrc/*.cpp csrc/*.h)
+$(EXT_STAMP): $(STAMP) setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/kernels/*.cpp csrc/kernels/*.h)
 	$(PY) setup.py -q build_ext --inplace
 	mkdir -p build && touch $(EXT_STAMP)
 
@@ -53,4 +53,4 @@ gpu-check: build
 	PY=$(PY) scripts/gpu_check.sh
 
 clean:
-	rm -rf build *.egg-info kdkernels/_C*.so
+	rm -rf build *.egg-info kdkernels/_C*.so kdkernels/_kernels_*.so

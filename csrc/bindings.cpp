@@ -12,6 +12,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nd_forward", &kdk::nd_forward, "ND: per-row loss and row-weighted gradients");
   m.def("lsh_forward", &kdk::lsh_forward, "LSH: per-row loss and row-weighted gradients");
   m.def("gemm_engine", &kdk::gemm_engine, "The engine of the LSH and SP float32 GEMMs: 'onednn' or 'aten'");
+  m.def("gemm_engine_reason", &kdk::gemm_engine_reason, "Why that engine (forced, or the times measured)");
+  m.def("_install_kernels", [](const py::object& table) {
+    TORCH_CHECK(PyCapsule_IsValid(table.ptr(), kdk::kKernelTableName), "kdkernels: not a kernel table capsule");
+    kdk::install_kernels(static_cast<const kdk::KernelTable*>(PyCapsule_GetPointer(table.ptr(), kdk::kKernelTableName)));
+  }, "Use the loops of a kernel module (kdkernels._kernels_<isa>.table); kdkernels/_cpu.py calls it");
+  m.def("kernel_capability", [] { return std::string(kdk::kernels().capability); },
+        "The ISA level of the installed kernel module: 'DEFAULT', 'AVX2' or 'AVX512'");
   m.def("gemm", &kdk::gemm, "a @ b through the kernels' GEMM engine (the benchmark's same-engine floor)");
   m.def("sp_forward", &kdk::sp_forward, "SP: per-row loss and row-weighted gradients of one layer pair");
 }

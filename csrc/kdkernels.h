@@ -13,6 +13,8 @@
 #include <sys/mman.h>
 #endif
 
+#include "kernels.h"
+
 namespace kdk {
 
 using at::Tensor;
@@ -74,12 +76,20 @@ inline void advise_huge_pages(const Tensor& out) {
 #endif
 }
 
-// GEMMs of LSH and SP (gemm.cpp): out = a @ b, or out += a @ b when
-// `accumulate` (out [m, n], a [m, k], b [k, n]); float32 through oneDNN where
-// available, else ATen.
-void gemm_into(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate);
-Tensor gemm(const Tensor& a, const Tensor& b);  // a [m, k] @ b [k, n] -> new contiguous [m, n]
-const char* gemm_engine();                        // "onednn" or "aten"
+// The loops, from the kernel module of the ISA level kdkernels/_cpu.py chose
+// (dispatch.cpp); kernels() raises until one is installed.
+const KernelTable& kernels();
+void install_kernels(const KernelTable* table);
+Dtype kernel_dtype(at::ScalarType t);  // float, double, float16 or bfloat16
+
+// GEMMs of LSH and SP (gemm.cpp), a [m, k], b [k, n], c [m, n]: float32
+// through the engine gemm_engine() names ("onednn" or "aten"), float64
+// through ATen. The result is a new contiguous tensor, except that gemm_add
+// may accumulate into c in place.
+Tensor gemm(const Tensor& a, const Tensor& b);                      // a @ b
+Tensor gemm_add(const Tensor& c, const Tensor& a, const Tensor& b);  // c + a @ b
+const char* gemm_engine();         // "onednn" or "aten"
+const char* gemm_engine_reason();  // why (forced, measured times, ...)
 
 // OFD (ofd.cpp)
 TensorTriple ofd_forward(const Tensor& s, const Tensor& t, const Tensor& margin, double grad_scale,

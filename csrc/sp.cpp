@@ -11,81 +11,11 @@
 //   gn_r = n_r >= eps ? -<Dg_r, G_r> / den_r : 0
 //   dA_r = Dg_r / den_r + gn_r * (p == 2 ? A_r / n_r : sign(A_r))
 //   dQ = (dA + dA^T) Q                     (one GEMM per side)
+// The per-row pass is csrc/kernels/sp.cpp (one build per ISA level).
 #include "kdkernels.h"
-
-#include <ATen/Parallel.h>
-
-#include <cmath>
 
 namespace kdk {
 namespace {
-
-constexpr double kSpEps = 1e-12;
-
-template <typename A>
-double row_norm(const A* a, int64_t b, bool l1) {
-  double acc = 0.0;
-  if (l1) {
-    for (int64_t j = 0; j < b; ++j) acc += std::abs(static_cast<double>(a[j]));
-    return static_cast<A>(acc);
-  }
-  for (int64_t j = 0; j < b; ++j) acc += static_cast<double>(a[j]) * static_cast<double>(a[j]);
-  return static_cast<A>(std::sqrt(acc));
-}
-
-template <typename A>
-double sgn(A x) {
-  return static_cast<double>((x > A(0)) - (x < A(0)));
-}
-
-// dA for one row of one side: out[j] = Dg_j / den + gn * dnorm_j.
-template <typename A>
-void row_grad(const A* a, const A* g, const double* dg, double n, double den, int64_t b, bool l1, A* out) {
-  double dot = 0.0;
-  for (int64_t j = 0; j < b; ++j) dot += dg[j] * static_cast<double>(g[j]);
-  const double gn = n >= kSpEps ? -dot / den : 0.0;
-  for (int64_t j = 0; j < b; ++j) {
-    const double dn = l1 ? sgn(a[j]) : (n == 0.0 ? 0.0 : static_cast<double>(a[j]) / n);
-    out[j] = static_cast<A>(dg[j] / den + gn * dn);
-  }
-}
-
-// Per-row pass over the Gram matrices as_, at_ [b, b]: rows, and dA for each
-// side asked for (das/dat [b, b], may be null). Rows are independent.
-template <typename A>
-void sp_rows(const A* as_, const A* at_, const A* w, int64_t b, bool l1, A* rows, A* das, A* dat) {
-  at::parallel_for(0, b, std::max<int64_t>(1, 4096 / std::max<int64_t>(b, 1)), [&](int64_t r0, int64_t r1) {
-    std::vector<A> gs(b), gt(b);
-    std::vector<double> dg(b);
-    for (int64_t r = r0; r < r1; ++r) {
-      const A* as = as_ + r * b;
-      const A* at = at_ + r * b;
-      const double ns = row_norm(as, b, l1), nt = row_norm(at, b, l1);
-      const A dens = static_cast<A>(ns < kSpEps ? kSpEps : ns);  // clamp_min: NaN stays NaN
-      const A dent = static_cast<A>(nt < kSpEps ? kSpEps : nt);
-      double sum = 0.0;
-      for (int64_t j = 0; j < b; ++j) {
-        gs[j] = as[j] / dens;
-        gt[j] = at[j] / dent;
-        const double diff = static_cast<double>(gt[j]) - static_cast<double>(gs[j]);
-        dg[j] = diff;
-        sum += diff * diff;
-      }
-      rows[r] = static_cast<A>(sum);
-      if (das == nullptr && dat == nullptr) continue;
-      const double two_w = 2.0 * static_cast<double>(w[r]);
-      if (das != nullptr) {
-        for (int64_t j = 0; j < b; ++j) dg[j] *= -two_w;  // Dg_s = -2 w (G_t - G_s)
-        row_grad(as, gs.data(), dg.data(), ns, dens, b, l1, das + r * b);
-        if (dat != nullptr)
-          for (int64_t j = 0; j < b; ++j) dg[j] = -dg[j];  // Dg_t = -Dg_s
-      } else {
-        for (int64_t j = 0; j < b; ++j) dg[j] *= two_w;
-      }
-      if (dat != nullptr) row_grad(at, gt.data(), dg.data(), nt, dent, b, l1, dat + r * b);
-    }
-  });
-}
 
 // A = Q Q^T [b, b]. From b = 128 up, by 2 x 2 blocks, computing only the upper
 // three (3/4 of the flops) and mirroring the off-diagonal block. With the
@@ -97,25 +27,20 @@ Tensor gram(const Tensor& Q) {
   const int64_t h = b / 2;
   Tensor A = at::empty({b, b}, Q.options().memory_format(at::MemoryFormat::Contiguous));
   const Tensor Q1 = Q.narrow(0, 0, h), Q2 = Q.narrow(0, h, b - h);
-  Tensor A11 = A.narrow(0, 0, h).narrow(1, 0, h);
-  Tensor A12 = A.narrow(0, 0, h).narrow(1, h, b - h);
-  Tensor A22 = A.narrow(0, h, b - h).narrow(1, h, b - h);
-  gemm_into(A11, Q1, Q1.t(), false);
-  gemm_into(A12, Q1, Q2.t(), false);
-  gemm_into(A22, Q2, Q2.t(), false);
+  const Tensor A12 = gemm(Q1, Q2.t());
+  A.narrow(0, 0, h).narrow(1, 0, h).copy_(gemm(Q1, Q1.t()));
+  A.narrow(0, 0, h).narrow(1, h, b - h).copy_(A12);
+  A.narrow(0, h, b - h).narrow(1, h, b - h).copy_(gemm(Q2, Q2.t()));
   A.narrow(0, h, b - h).narrow(1, 0, h).copy_(A12.t());
   return A;
 }
 
-// grad of one side: (dA + dA^T) Q into a tensor allocated like the input q.
+// grad of one side: (dA + dA^T) Q, allocated like the input q.
 Tensor side_grad(const Tensor& dA, const Tensor& Q, const Tensor& q) {
-  const Tensor M = dA + dA.t();
+  Tensor g = gemm(dA + dA.t(), Q);
+  if (g.strides() == q.strides() && g.scalar_type() == q.scalar_type()) return g;
   Tensor out = at::empty_like(q);
-  if (out.scalar_type() == Q.scalar_type()) {
-    gemm_into(out, M, Q, false);
-  } else {
-    out.copy_(gemm(M, Q));
-  }
+  out.copy_(g);
   return out;
 }
 
@@ -137,12 +62,9 @@ TensorTriple sp_forward(const Tensor& q_s, const Tensor& q_t, double p, const Te
   Tensor rows = at::empty({b}, As.options());
   Tensor dAs = need_grad_s ? at::empty({b, b}, As.options()) : Tensor();
   Tensor dAt = need_grad_t ? at::empty({b, b}, As.options()) : Tensor();
-  AT_DISPATCH_FLOATING_TYPES(acc_type, "kdkernels_sp_rows", [&] {
-    sp_rows<scalar_t>(As.const_data_ptr<scalar_t>(), At.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), b,
-                      p == 1.0, rows.mutable_data_ptr<scalar_t>(),
-                      need_grad_s ? dAs.mutable_data_ptr<scalar_t>() : nullptr,
-                      need_grad_t ? dAt.mutable_data_ptr<scalar_t>() : nullptr);
-  });
+  kernels().sp_rows(kernel_dtype(acc_type), As.const_data_ptr(), At.const_data_ptr(), w.const_data_ptr(), b,
+                    p == 1.0, rows.mutable_data_ptr(), need_grad_s ? dAs.mutable_data_ptr() : nullptr,
+                    need_grad_t ? dAt.mutable_data_ptr() : nullptr);
   Tensor grad_s = need_grad_s ? side_grad(dAs, Qs, q_s) : at::empty({0}, q_s.options());
   Tensor grad_t = need_grad_t ? side_grad(dAt, Qt, q_t) : at::empty({0}, q_t.options());
   return {rows, grad_s, grad_t};

@@ -18,7 +18,7 @@ from kdkernels import _cpu
 def available_backends() -> Dict[str, str]:
     """backend -> 'yes' or why not."""
     out = {"reference": "yes"}
-    out["cpu"] = f"yes (float32 GEMMs: {_cpu._C.gemm_engine()})" if _cpu.available() else f"no: {_cpu._IMPORT_ERROR}"
+    out["cpu"] = f"yes ({_cpu.describe()})" if _cpu.available() else f"no: {_cpu._IMPORT_ERROR}"
     try:
         import triton
 

@@ -140,3 +140,15 @@ def test_cuda_absent_is_a_clear_skip(tmp_path, capsys):
     assert bench.main(["--device", "cuda", "--out", str(tmp_path)]) == 0
     assert "CUDA is not available" in capsys.readouterr().err
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_gemm_floor_is_the_fastest_engines():
+    """SP/LSH ratios use the faster of the torch.mm and the kernels' engine floors."""
+    assert bench.best_floor({"floor": 4.0, "engine_floor": 3.0}) == 3.0
+    assert bench.best_floor({"floor": 2.0, "engine_floor": 3.0}) == 2.0
+    assert bench.best_floor({"floor": 2.0}) == 2.0
+    assert bench.best_floor({"floor": None, "engine_floor": None}) is None
+    case = bench.Case("sp", (4, 8))
+    res = {"time": {"kdkernels": {"ms": 3.3}, "floor": {"ms": 4.0}, "engine_floor": {"ms": 3.0}}}
+    [floor_target] = [t for t in bench.evaluate_targets(case, res) if t["kind"] == "floor_ratio"]
+    assert abs(floor_target["value"] - 1.1) < 1e-9 and floor_target["status"] == "met"
