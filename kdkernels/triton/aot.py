@@ -12,7 +12,7 @@ thread, 64K registers a block, the shared memory of a block).
 
 What "every config" means: each launch wrapper has one tile config per kernel
 or a heuristic with a finite set of choices (``nd.configs()``, ``sp.configs()``,
-``lsh.proj_config`` / ``lsh.grad_config``, per arch family), and all of them are
+``lsh.proj_config`` / ``lsh.grad_config`` / ``lsh.FUSED_CONFIG``, per arch family), and all of them are
 compiled, for each input dtype, with the gradient flags that use the most code
 (all gradients on) plus the loss-only forward; OFD's tile shape follows the
 layout, and its three common shapes are compiled (every shape is 1024 elements,
@@ -132,8 +132,21 @@ def _jobs(dtypes, arch: int) -> List[Job]:
                                                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), warps, stages))
         bm, bd, bk, warps, stages = lsh.grad_config(kind, arch)
         jobs.append(Job("lsh", "lsh_grad_kernel", f"G@W+mse+grads {bm}x{bd}x{bk}", dt, lsh_ptrs,
-                        dict(HAS_MSE=True, NEED_GS=True, NEED_GT=True, BLOCK_M=bm, BLOCK_D=bd, BLOCK_K=bk),
-                        warps, stages, i64=("mse_bits",)))
+                        dict(HAS_MSE=True, NEED_GS=True, NEED_GT=True, FUSED=False, BLOCK_M=bm, BLOCK_D=bd,
+                             BLOCK_K=bk), warps, stages, i64=("mse_bits",)))
+        bm, bn, warps, stages, max_d = lsh.FUSED_CONFIG.get((arch, kind), (0, 0, 0, 0, 0))
+        block_ds = [bd for bd in (16, 32, 64, 128, 256, 512) if bd <= max_d]
+        for bd in block_ds:  # the fused path runs with teacher features and G W only (lsh.use_fused)
+            jobs.append(Job("lsh", "lsh_fused_kernel", f"f_t loss+GW {bm}x{bn} BLOCK_D={bd}", dt,
+                            dict(lsh_ptrs, pd_ptr="c"), dict(HAS_BIAS=True, HAS_MSE=True, BLOCK_M=bm, BLOCK_N=bn,
+                                                             BLOCK_D=bd),
+                            warps, stages))
+        if block_ds:
+            bm, bd, bk, warps, stages = lsh.REDUCE_CONFIG
+            jobs.append(Job("lsh", "lsh_grad_kernel", f"sum of splits+mse+grads {bm}x{bd}", dt,
+                            dict(lsh_ptrs, g_ptr="c"), dict(HAS_MSE=True, NEED_GS=True, NEED_GT=True, FUSED=True,
+                                                            BLOCK_M=bm, BLOCK_D=bd, BLOCK_K=bk), warps, stages,
+                            i64=("mse_bits",)))
         # ---------------------------------------------------------------- SP
         sp_ptrs = dict(q_ptr="in", a_ptr="c", as_ptr="c", at_ptr="c", rw_ptr="c", rows_ptr="c", das_ptr="c",
                        dat_ptr="c", da_ptr="c", dq_ptr="in")

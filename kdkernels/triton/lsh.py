@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from . import _utils
-from ._utils import cdiv, compute_tl_dtype, dot_precision, empty_grad, interpreting, mma, row_major, scalar_arg, \
-    scalar_bits
+from ._utils import cdiv, compute_tl_dtype, dot_precision, empty_grad, interpreting, mma, next_pow2, row_major, \
+    scalar_arg, scalar_bits
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of lsh_proj_kernel and
 # (BLOCK_M, BLOCK_D, BLOCK_K, num_warps, num_stages) of lsh_grad_kernel, per input
@@ -41,8 +41,18 @@ PROJ_CONFIG = {(90, "half"): (64, 128, 32, 8, 3), (90, "half codes"): (64, 128, 
                (80, "half"): (64, 128, 32, 8, 3), (80, "half codes"): (64, 64, 32, 8, 3),
                (80, "fp32"): (32, 64, 32, 8, 3), (80, "fp32 codes"): (32, 32, 32, 4, 3),
                "fp64": (32, 32, 16, 4, 2)}
-GRAD_CONFIG = {(90, "half"): (64, 128, 64, 8, 3), (90, "fp32"): (64, 64, 32, 8, 3), (80, "half"): (64, 64, 64, 8, 3),
+GRAD_CONFIG = {(90, "half"): (64, 128, 64, 8, 3), (90, "fp32"): (128, 64, 16, 8, 3), (80, "half"): (64, 64, 64, 8, 3),
                (80, "fp32"): (64, 64, 32, 8, 3), "fp64": (32, 32, 32, 4, 2)}
+# lsh_fused_kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages, largest BLOCK_D) per arch family
+# and dtype class; used when fused_block_d(D) <= that largest BLOCK_D (a row block's f_s and
+# f_t and its [BLOCK_M, BLOCK_D] G W accumulator stay on chip: the bound is where ptxas stops
+# fitting it in 255 registers without spills, see aot.py); lsh_grad_kernel then only sums
+# the splits, with REDUCE_CONFIG (BLOCK_M, BLOCK_D, BLOCK_K (unused), num_warps, num_stages).
+# float64 always takes the two-kernel path.
+FUSED_CONFIG = {(90, "half"): (64, 32, 8, 3, 256), (80, "half"): (64, 32, 8, 2, 128),
+                (90, "fp32"): (64, 32, 8, 2, 64), (80, "fp32"): (32, 32, 4, 2, 32)}
+REDUCE_CONFIG = (64, 64, 16, 4, 1)
+MAX_SPLITS = 8  # hash-axis splits of lsh_fused_kernel (bounds the partial-sum buffer)
 L2_CHUNK_BYTES = 16 << 20  # budget for a chunk's [chunk, N] G (H100: 50 MB of L2, A100: 40 MB)
 
 
@@ -57,6 +67,29 @@ def grad_config(kind: str, arch: int):
     return GRAD_CONFIG[kind] if kind == "fp64" else GRAD_CONFIG[(arch, kind)]
 
 
+def fused_block_d(D: int) -> int:
+    return max(16, next_pow2(D))
+
+
+def use_fused(kind: str, D: int, arch: int) -> bool:
+    return (arch, kind) in FUSED_CONFIG and fused_block_d(D) <= FUSED_CONFIG[(arch, kind)][4]
+
+
+def fused_config(kind: str, arch: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of lsh_fused_kernel."""
+    return FUSED_CONFIG[(arch, kind)][:4]
+
+
+def fused_splits(M: int, N: int, block_m: int, block_n: int, elem: int, csize: int, device) -> int:
+    """Hash-axis splits of lsh_fused_kernel for M rows: enough programs for ~2 waves of SMs,
+    at most MAX_SPLITS, and the splits' extra traffic (per split and row block: f_s, f_t
+    re-read and the [BLOCK_M, D] partial written and read) at most that of streaming W
+    once per row block: splits * block_m * (2 elem + 2 csize) <= N elem."""
+    want = cdiv(_utils.target_programs(device), cdiv(M, block_m))
+    cap = N * elem // (block_m * (2 * elem + 2 * csize))
+    return max(1, min(MAX_SPLITS, cdiv(N, block_n), want, cap))
+
+
 def dtype_class(dtype: torch.dtype) -> str:
     return "half" if dtype in (torch.float16, torch.bfloat16) else ("fp64" if dtype == torch.float64 else "fp32")
 
@@ -66,6 +99,30 @@ def _log1p(x):
     """log(1 + x) accurate for small x (no libdevice): log(u) * x / (u - 1), u = 1 + x."""
     u = 1 + x
     return tl.where(u == 1, x, tl.log(u) * (x / (u - 1)))
+
+
+@triton.jit
+def _bce_epilogue(h_s, h_t, b_ptr, codes_tile, stride_codes, lr, lc, cols, r_ok, c_ok,
+                  HAS_BIAS: tl.constexpr, USE_CODES: tl.constexpr, CDTYPE: tl.constexpr):
+    """Epilogue of a [BLOCK_M, BLOCK_N] projection tile: the bias, the target bit (teacher
+    sign, or bit lc % 8 of byte lc // 8 at codes_tile), the stable BCE summed over the valid
+    hashes of each row ([BLOCK_M]) and G = sigmoid(h_s) - y (0 outside the valid entries)."""
+    valid = r_ok[:, None] & c_ok[None, :]
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cols, mask=c_ok, other=0).to(CDTYPE)
+        h_s += bias[None, :]
+        h_t += bias[None, :]
+    if USE_CODES:
+        byte = tl.load(codes_tile + lr[:, None] * stride_codes + (lc // 8)[None, :], mask=valid, other=0)
+        y = ((byte.to(tl.int32) >> (lc % 8)[None, :]) & 1).to(CDTYPE)
+    else:
+        y = tl.where(h_t != h_t, h_t, (h_t > 0).to(CDTYPE))  # a NaN teacher stays NaN
+    e = tl.exp(-tl.abs(h_s))
+    # torch's form of the stable BCE, (1 - y) h + max(-h, 0) + log1p(exp(-|h|)): same values,
+    # and the same inf/NaN outcome as the reference for infinite logits
+    bce = (1 - y) * h_s + tl.where(h_s < 0, -h_s, 0) + _log1p(e)
+    sig = tl.where(h_s >= 0, 1 / (1 + e), e / (1 + e))
+    return tl.sum(tl.where(valid, bce, 0), 1), tl.where(valid, sig - y, 0)
 
 
 @triton.jit
@@ -120,45 +177,96 @@ def lsh_proj_kernel(fs_ptr, ft_ptr, w_ptr, b_ptr, codes_ptr, rw_ptr, g_ptr, part
                 ft = tl.load(ft_ptr + lr[:, None] * stride_ft + kk[None, :], mask=fm, other=0)
                 diff = fs.to(CDTYPE) - ft.to(CDTYPE)
                 sse += tl.sum(diff * diff, 1)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + cols, mask=c_ok, other=0).to(CDTYPE)
-        h_s += bias[None, :]
-        h_t += bias[None, :]
-    valid = r_ok[:, None] & c_ok[None, :]
-    if USE_CODES:
-        codes_tile = codes_ptr + pid_m * BLOCK_M * stride_codes + pid_n * (BLOCK_N // 8)
-        byte = tl.load(codes_tile + lr[:, None] * stride_codes + (lc // 8)[None, :], mask=valid, other=0)
-        y = ((byte.to(tl.int32) >> (lc % 8)[None, :]) & 1).to(CDTYPE)
-    else:
-        y = tl.where(h_t != h_t, h_t, (h_t > 0).to(CDTYPE))  # a NaN teacher stays NaN
-    e = tl.exp(-tl.abs(h_s))
-    # torch's form of the stable BCE, (1 - y) h + max(-h, 0) + log1p(exp(-|h|)): same values,
-    # and the same inf/NaN outcome as the reference for infinite logits
-    bce = (1 - y) * h_s + tl.where(h_s < 0, -h_s, 0) + _log1p(e)
-    tl.store(part_ptr + pid_n * M + rows, tl.sum(tl.where(valid, bce, 0), 1), mask=r_ok)
+    codes_tile = codes_ptr + pid_m * BLOCK_M * stride_codes + pid_n * (BLOCK_N // 8)
+    bce, g = _bce_epilogue(h_s, h_t, b_ptr, codes_tile, stride_codes, lr, lc, cols, r_ok, c_ok,
+                           HAS_BIAS, USE_CODES, CDTYPE)
+    tl.store(part_ptr + pid_n * M + rows, bce, mask=r_ok)
     if HAS_MSE:
         if first:
             tl.store(sse_ptr + rows, sse, mask=r_ok)
     if NEED_GS:
-        sig = tl.where(h_s >= 0, 1 / (1 + e), e / (1 + e))
-        g = sig - y
         g_tile = g_ptr + pid_m * BLOCK_M * N + pid_n * BLOCK_N
-        tl.store(g_tile + lr[:, None] * N + lc[None, :], g.to(g_ptr.dtype.element_ty), mask=valid)
+        tl.store(g_tile + lr[:, None] * N + lc[None, :], g.to(g_ptr.dtype.element_ty),
+                 mask=r_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def lsh_fused_kernel(fs_ptr, ft_ptr, w_ptr, b_ptr, pd_ptr, part_ptr, sse_ptr,
+                     M, D, N, span, stride_fs, stride_ft, stride_w,
+                     HAS_BIAS: tl.constexpr, HAS_MSE: tl.constexpr,
+                     CDTYPE: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Both projections, the BCE epilogue and G W over one span of hashes, for one row block (D <= BLOCK_D).
+
+    The row block's f_s and f_t rows are loaded once and held (in shared memory on a
+    GPU); each W tile ([BLOCK_N, BLOCK_D]) is loaded once and feeds both projections
+    and G W, so G is never stored and W is streamed once per row block.
+    fs_ptr, ft_ptr: [M, D] student / teacher features (unit column stride)
+    w_ptr, b_ptr:   as lsh_proj_kernel
+    pd_ptr:         [n_split, cdiv(M, BLOCK_M) BLOCK_M, BLOCK_D] sum over this span of G W, compute dtype
+                    (whole tiles: the store needs no mask, which would stay live through the loop)
+    part_ptr:       [n_split, M] sum_j BCE_ij over this span, compute dtype
+    sse_ptr:        [M] sum_d (f_s - f_t)^2 (if HAS_MSE; written by split 0)
+    grid:           (n_split, cdiv(M, BLOCK_M)); split p covers hashes [p span, (p + 1) span)
+    """
+    pid_s = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1).to(tl.int64)
+    lr = tl.arange(0, BLOCK_M)
+    lc = tl.arange(0, BLOCK_N)
+    ld = tl.arange(0, BLOCK_D)
+    rows = pid_m * BLOCK_M + lr.to(tl.int64)
+    r_ok = rows < M
+    d_ok = ld < D
+    fs_tile = fs_ptr + pid_m * BLOCK_M * stride_fs
+    ft_tile = ft_ptr + pid_m * BLOCK_M * stride_ft
+    # f_s rows over f_t rows, one [2 BLOCK_M, BLOCK_D] operand: on sm_90 each warpgroup then
+    # holds the shared-memory descriptors of its own 64 rows only (two operands spill)
+    l2 = tl.arange(0, 2 * BLOCK_M)
+    is_t = l2 >= BLOCK_M
+    r2 = l2 - tl.where(is_t, BLOCK_M, 0)
+    f_ptrs = tl.where(is_t[:, None], ft_tile + r2[:, None] * stride_ft, fs_tile + r2[:, None] * stride_fs)
+    f2 = tl.load(f_ptrs + ld[None, :], mask=(pid_m * BLOCK_M + r2 < M)[:, None] & d_ok[None, :], other=0)
+    if HAS_MSE:
+        if pid_s == 0:  # loads of its own (f_s, f_t once more), so that nothing of this stays live
+            fm = r_ok[:, None] & d_ok[None, :]
+            fs = tl.load(fs_tile + lr[:, None] * stride_fs + ld[None, :], mask=fm, other=0).to(CDTYPE)
+            ft = tl.load(ft_tile + lr[:, None] * stride_ft + ld[None, :], mask=fm, other=0).to(CDTYPE)
+            tl.store(sse_ptr + rows, tl.sum((fs - ft) * (fs - ft), 1), mask=r_ok)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], CDTYPE)
+    bce_rows = tl.zeros([BLOCK_M], CDTYPE)
+    n_lo = tl.program_id(0) * span  # < N; the W tile pointer advances a tile a step (64-bit)
+    w_tile = w_ptr + n_lo.to(tl.int64) * stride_w
+    w_offs = lc[:, None] * stride_w + ld[None, :]
+    for n0 in range(0, tl.minimum(N - n_lo, span), BLOCK_N):
+        cols = n_lo + n0 + lc
+        c_ok = cols < N
+        w = tl.load(w_tile + w_offs, mask=c_ok[:, None] & d_ok[None, :], other=0)
+        w_tile += BLOCK_N * stride_w
+        h = mma(f2, tl.trans(w), tl.zeros([2 * BLOCK_M, BLOCK_N], CDTYPE), DOT_PREC, INTERP)
+        h_s, h_t = tl.split(tl.permute(tl.reshape(h, [2, BLOCK_M, BLOCK_N]), [1, 2, 0]))
+        bce, g = _bce_epilogue(h_s, h_t, b_ptr, b_ptr, 0, lr, lc, cols, r_ok, c_ok, HAS_BIAS, False, CDTYPE)
+        bce_rows += bce
+        acc = mma(g.to(w.dtype), w, acc, DOT_PREC, INTERP)
+    tl.store(part_ptr + pid_s * M + rows, bce_rows, mask=r_ok)
+    tl.store(pd_ptr + ((pid_s * tl.num_programs(1) + pid_m) * BLOCK_M + lr[:, None]) * BLOCK_D + ld[None, :], acc)
 
 
 @triton.jit
 def lsh_grad_kernel(g_ptr, w_ptr, fs_ptr, ft_ptr, rw_ptr, part_ptr, sse_ptr, rows_ptr, gs_ptr, gt_ptr,
-                    M, D, N, n_parts, stride_w, stride_fs, stride_ft, stride_gs, stride_gt, mse_bits,
-                    HAS_MSE: tl.constexpr, NEED_GS: tl.constexpr, NEED_GT: tl.constexpr,
+                    M, D, N, n_parts, stride_w, stride_fs, stride_ft, stride_gs, stride_gt, stride_pd, stride_pd_row,
+                    mse_bits,
+                    HAS_MSE: tl.constexpr, NEED_GS: tl.constexpr, NEED_GT: tl.constexpr, FUSED: tl.constexpr,
                     CDTYPE: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
     """dL/df_s = rw/N G W + MSE gradient, dL/df_t, and the row losses, for one chunk.
 
-    g_ptr:          [M, N] G from lsh_proj_kernel (read if NEED_GS)
+    g_ptr:          [M, N] G from lsh_proj_kernel (read if NEED_GS), or with FUSED the
+                    partial G W of lsh_fused_kernel: split p, row i at p * stride_pd + i * stride_pd_row
+                    (summed over the splits in a fixed order)
     w_ptr:          [N, D] projection (unit column stride)
     fs_ptr, ft_ptr: [M, D] features (read if HAS_MSE)
     rw_ptr:         [M] row weights, compute dtype
-    part_ptr:       [n_parts, M] per-N-tile BCE row sums;  sse_ptr: [M] sum_d (f_s - f_t)^2 (if HAS_MSE)
+    part_ptr:       [n_parts, M] per-N-tile (per-split) BCE row sums;  sse_ptr: [M] sum_d (f_s - f_t)^2 (if HAS_MSE)
     rows_ptr:       [M] per-row loss l_i, compute dtype (written by the programs of the first D tile)
     gs_ptr, gt_ptr: [M, D] rw_i dl_i/df_s, rw_i dl_i/df_t in the input dtype (if NEED_GS / NEED_GT)
     mse_bits:       mse_weight as ``scalar_bits``
@@ -185,7 +293,13 @@ def lsh_grad_kernel(g_ptr, w_ptr, fs_ptr, ft_ptr, rw_ptr, part_ptr, sse_ptr, row
         row0 = pid_m * BLOCK_M
         col0 = pid_d * BLOCK_D
         acc = tl.zeros([BLOCK_M, BLOCK_D], CDTYPE)
-        if NEED_GS:
+        if FUSED:
+            if NEED_GS:
+                pd_tile = g_ptr + row0 * stride_pd_row + col0
+                for p in range(0, n_parts):
+                    acc += tl.load(pd_tile + p * stride_pd + lr[:, None] * stride_pd_row + ld[None, :], mask=m,
+                                   other=0)
+        elif NEED_GS:
             g_tile = g_ptr + row0 * N
             w_tile = w_ptr + col0
             for n0 in range(0, N, BLOCK_K):
@@ -243,32 +357,57 @@ def lsh_forward(f_s, f_t, weight, bias, teacher_codes, mse_weight, row_weight, n
     if B == 0:
         return rows, gs, gt
     kind = dtype_class(f_s.dtype)
-    pm, pn, pk, p_warps, p_stages = proj_config(kind, use_codes, _utils.arch(dev), need_gs)
-    gm, gd, gk, g_warps, g_stages = grad_config(kind, _utils.arch(dev))
-    g_dtype = f_s.dtype  # the second GEMM runs in the input dtype, as autograd's would
-    chunk = chunk_rows(B, N, torch.finfo(g_dtype).bits // 8, max(pm, gm), min(pm, gm))
-    n_parts = cdiv(N, pn)
-    g_buf = torch.empty((chunk, N) if need_gs else (0,), dtype=g_dtype, device=dev)
+    arch = _utils.arch(dev)
+    elem, csize = f_s.element_size(), row_weight.element_size()
+    fused = need_gs and not use_codes and use_fused(kind, D, arch)
+    if fused:
+        pm, pn, p_warps, p_stages = fused_config(kind, arch)
+        gm, gd, gk, g_warps, g_stages = REDUCE_CONFIG
+        chunk = chunk_rows(B, MAX_SPLITS * D, csize, max(pm, gm), min(pm, gm))
+        n_parts = fused_splits(chunk, N, pm, pn, elem, csize, dev)
+        bd = fused_block_d(D)
+        g_buf = torch.empty((n_parts, cdiv(chunk, pm) * pm, bd), dtype=cdtype, device=dev)
+    else:
+        pm, pn, pk, p_warps, p_stages = proj_config(kind, use_codes, arch, need_gs)
+        gm, gd, gk, g_warps, g_stages = grad_config(kind, arch)
+        # the second GEMM runs in the input dtype, as autograd's would
+        chunk = chunk_rows(B, N, elem, max(pm, gm), min(pm, gm))
+        n_parts = cdiv(N, pn)
+        g_buf = torch.empty((chunk, N) if need_gs else (0,), dtype=f_s.dtype, device=dev)
     part = torch.empty((n_parts, chunk), dtype=cdtype, device=dev)
     sse = torch.empty(chunk if has_mse else 0, dtype=cdtype, device=dev)
     common = dict(CDTYPE=compute_tl_dtype(f_s.dtype), DOT_PREC=dot_precision(f_s.dtype), INTERP=interpreting())
+    flags = dict(HAS_BIAS=bias is not None, USE_CODES=use_codes, HAS_MSE=has_mse, NEED_GS=need_gs)
     mse_bits = scalar_bits(mse_weight)
     for r0 in range(0, B, chunk):
         M = min(chunk, B - r0)
         sl = slice(r0, r0 + M)
         fs_c, ft_c, rw_c = fs[sl], ft[sl] if f_t is not None else fs[sl], rw[sl]
         codes_c = codes[sl]
-        lsh_proj_kernel[(n_parts, cdiv(M, pm))](
-            fs_c, ft_c, w, b, codes_c, rw_c, g_buf if need_gs else part, part, sse if has_mse else part,
-            M, D, N, fs.stride(0), ft.stride(0), w.stride(0), codes.stride(0) if use_codes else 0,
-            HAS_BIAS=bias is not None, USE_CODES=use_codes, HAS_MSE=has_mse, NEED_GS=need_gs,
-            BLOCK_M=pm, BLOCK_N=pn, BLOCK_K=pk, num_warps=p_warps, num_stages=p_stages, **common)
+        g_arg = g_buf if need_gs else part
+        sse_arg = sse if has_mse else part
+        codes_stride = codes.stride(0) if use_codes else 0
+        if fused:
+            splits = min(n_parts, fused_splits(M, N, pm, pn, elem, csize, dev))
+            span = cdiv(cdiv(N, pn), splits) * pn
+            splits = cdiv(N, span)
+            lsh_fused_kernel[(splits, cdiv(M, pm))](
+                fs_c, ft_c, w, b, g_arg, part, sse_arg, M, D, N, span, fs.stride(0), ft.stride(0), w.stride(0),
+                HAS_BIAS=bias is not None, HAS_MSE=has_mse,
+                BLOCK_M=pm, BLOCK_N=pn, BLOCK_D=bd, num_warps=p_warps, num_stages=p_stages, **common)
+            pd_strides = (cdiv(M, pm) * pm * bd, bd)
+        else:
+            splits, pd_strides = n_parts, (0, 0)
+            lsh_proj_kernel[(n_parts, cdiv(M, pm))](
+                fs_c, ft_c, w, b, codes_c, rw_c, g_arg, part, sse_arg,
+                M, D, N, fs.stride(0), ft.stride(0), w.stride(0), codes_stride, **flags,
+                BLOCK_M=pm, BLOCK_N=pn, BLOCK_K=pk, num_warps=p_warps, num_stages=p_stages, **common)
         grads = need_gs or need_gt
         lsh_grad_kernel[(cdiv(D, gd) if grads else 1, cdiv(M, gm))](
-            g_buf if need_gs else part, w, fs_c, ft_c, rw_c, part, sse if has_mse else part, rows[sl],
+            g_arg, w, fs_c, ft_c, rw_c, part, sse_arg, rows[sl],
             gs[sl] if need_gs else rows, gt[sl] if need_gt else rows,
-            M, D, N, n_parts, w.stride(0), fs.stride(0), ft.stride(0),
-            gs.stride(0) if need_gs else 0, gt.stride(0) if need_gt else 0, mse_bits,
-            HAS_MSE=has_mse, NEED_GS=need_gs, NEED_GT=need_gt,
+            M, D, N, splits, w.stride(0), fs.stride(0), ft.stride(0),
+            gs.stride(0) if need_gs else 0, gt.stride(0) if need_gt else 0, *pd_strides, mse_bits,
+            HAS_MSE=has_mse, NEED_GS=need_gs, NEED_GT=need_gt, FUSED=fused,
             BLOCK_M=gm, BLOCK_D=gd, BLOCK_K=gk, num_warps=g_warps, num_stages=g_stages, **common)
     return rows, gs, gt
