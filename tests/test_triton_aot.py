@@ -14,9 +14,10 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-KERNELS = ["ofd_fwd_kernel", "ofd_bwd_kernel", "nd_fwd_kernel", "lsh_proj_kernel", "lsh_grad_kernel",
-           "sp_gram_fwd_kernel", "sp_rows_fwd_kernel", "sp_bwd_kernel"]
-GEMM_KERNELS = ["lsh_proj_kernel", "lsh_grad_kernel", "sp_gram_fwd_kernel", "sp_bwd_kernel"]
+KERNELS = ["ofd_fwd_kernel", "ofd_bwd_kernel", "nd_fwd_kernel", "lsh_proj_kernel", "lsh_fused_kernel",
+           "lsh_grad_kernel", "sp_gram_fwd_kernel", "sp_rows_fwd_kernel", "sp_bwd_kernel"]
+GEMM_KERNELS = ["lsh_proj_kernel", "lsh_fused_kernel", "lsh_grad_kernel", "sp_gram_fwd_kernel", "sp_bwd_kernel"]
+NO_GEMM_VARIANTS = ("sum of splits",)  # lsh_grad_kernel after lsh_fused_kernel: an elementwise sum
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,12 +51,16 @@ def _section(stdout, kernel, arch):
     return [line for line in body.split("\n\n", 1)[0].splitlines()[1:] if line.strip()]
 
 
+def _gemm_rows(stdout, kernel, arch):
+    return [line for line in _section(stdout, kernel, arch) if not any(v in line for v in NO_GEMM_VARIANTS)]
+
+
 @pytest.mark.parametrize("kernel", GEMM_KERNELS)
 def test_bf16_gemms_use_native_16bit_tensor_cores(aot_run, kernel):
     """sm_90: every bf16 GEMM tile of >= 64 rows is a wgmma with bf16 operands; the
     16/32-row SP tiles (b <= 32) are mma.sync bf16 (wgmma needs 64 rows); sm_80: mma.sync bf16."""
     for arch in (80, 90):
-        rows = [line for line in _section(aot_run.stdout, kernel, arch) if " bf16 " in line]
+        rows = [line for line in _gemm_rows(aot_run.stdout, kernel, arch) if " bf16 " in line]
         assert rows
         for line in rows:
             small = "BLOCK_M=16 " in line or "BLOCK_M=32 " in line
@@ -67,7 +72,7 @@ def test_bf16_gemms_use_native_16bit_tensor_cores(aot_run, kernel):
 
 def test_float32_gemms_use_tf32x3_tensor_cores(aot_run):
     for kernel in GEMM_KERNELS:
-        for line in _section(aot_run.stdout, kernel, 90):
+        for line in _gemm_rows(aot_run.stdout, kernel, 90):
             if " fp32 " in line:
                 assert "tf32" in line, line
 

@@ -5,8 +5,18 @@ Math (shared/spec/losses.md, section 1), per row i:
     l_i = mse_weight/D * sum_d (f_s - f_t)^2 + 1/N * sum_j BCE(h_s, y)
     dl/df_s = 2 mse_weight (f_s - f_t)/D + rw/N G W,  G = sigmoid(h_s) - y,   dl/df_t = -2 mse_weight (f_s - f_t)/D
 
-The fused-linear-loss pattern, chunk by chunk of rows (a chunk's [chunk, N]
-G fits in L2; [B, N] is never allocated for a large batch):
+The fused-linear-loss pattern, chunk by chunk of rows (a chunk's scratch fits
+in L2; [B, N] is never allocated for a large batch), on one of two paths.
+
+Fused (teacher features, student gradient wanted, D within FUSED_CONFIG's bound):
+- ``lsh_fused_kernel``: a row block's f_s and f_t stay on chip while W streams by
+  in [BLOCK_N, D] tiles over the program's span of hashes; each tile feeds both
+  projections, the epilogue and G W, so G is never stored and W is read once per
+  row block. The hash axis is split over programs (``fused_splits``).
+- ``lsh_grad_kernel`` (FUSED): sums the splits' partial G W in a fixed order, then
+  the same epilogue as below.
+
+Two GEMMs (otherwise):
 - ``lsh_proj_kernel``: one [BLOCK_M, BLOCK_N] tile of both projections per
   program (f_s and f_t against the same W tile, K-steps of BLOCK_K, pipelined),
   and in the epilogue the bias, the target bit (or the packed teacher code), the
