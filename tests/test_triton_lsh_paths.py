@@ -71,3 +71,9 @@ def test_which_path():
     assert run(torch.float32, 8, codes=True) == two
     assert run(torch.float32, 8, grad=False) == two
     assert run(torch.float64, 8) == two
+
+
+def test_row_chunks(path, monkeypatch):
+    """Several row chunks (the last one partial): each chunk's splits and row blocks."""
+    monkeypatch.setattr(lsh, "L2_CHUNK_BYTES", 1)  # the smallest chunk: one row block of the widest kernel
+    check_parity(make_case(150, 24, 70, "sum", mask="float"), "triton", torch.float32, "random")
