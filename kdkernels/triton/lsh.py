@@ -244,8 +244,8 @@ def lsh_fused_kernel(fs_ptr, ft_ptr, w_ptr, b_ptr, pd_ptr, part_ptr, sse_ptr,
             tl.store(sse_ptr + rows, tl.sum((fs - ft) * (fs - ft), 1), mask=r_ok)
     acc = tl.zeros([BLOCK_M, BLOCK_D], CDTYPE)
     bce_rows = tl.zeros([BLOCK_M], CDTYPE)
-    n_lo = tl.program_id(0) * span  # < N; the W tile pointer advances a tile a step (64-bit)
-    w_tile = w_ptr + n_lo.to(tl.int64) * stride_w
+    n_lo = (pid_s * span).to(tl.int32)  # < N: a 32-bit loop; the W tile pointer advances a tile a step
+    w_tile = w_ptr + pid_s * span * stride_w
     w_offs = lc[:, None] * stride_w + ld[None, :]
     for n0 in range(0, tl.minimum(N - n_lo, span), BLOCK_N):
         cols = n_lo + n0 + lc
