@@ -11,8 +11,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ofd_backward", &kdk::ofd_backward, "OFD: gradients for an elementwise upstream gradient");
   m.def("nd_forward", &kdk::nd_forward, "ND: per-row loss and row-weighted gradients");
   m.def("lsh_forward", &kdk::lsh_forward, "LSH: per-row loss and row-weighted gradients");
-  m.def("gemm_engine", &kdk::gemm_engine, "The engine of the LSH and SP float32 GEMMs: 'onednn' or 'aten'");
-  m.def("gemm_engine_reason", &kdk::gemm_engine_reason, "Why that engine (forced, or the times measured)");
+  m.def("gemm_engine", &kdk::gemm_engine, "The engine of the LSH and SP float32 GEMMs: 'per-shape' (the faster per call shape), or 'onednn' / 'aten'");
+  m.def("gemm_engine_reason", &kdk::gemm_engine_reason, "Why that engine (forced, or each call shape's choice and times so far)");
   m.def("_install_kernels", [](const py::object& table) {
     TORCH_CHECK(PyCapsule_IsValid(table.ptr(), kdk::kKernelTableName), "kdkernels: not a kernel table capsule");
     kdk::install_kernels(static_cast<const kdk::KernelTable*>(PyCapsule_GetPointer(table.ptr(), kdk::kKernelTableName)));

@@ -1,5 +1,5 @@
-// The GEMMs of the LSH and SP kernels: one engine per process for float32,
-// the faster of the two that torch has on this machine.
+// The GEMMs of the LSH and SP kernels: for float32, the faster of the two
+// engines torch has on this machine, chosen per call shape.
 //
 //   "onednn": torch's registered op mkldnn::_linear_pointwise (and its .binary
 //             overload for c + a @ b), called through the c10 dispatcher: the
@@ -8,9 +8,16 @@
 //
 // Why: torch.mm in float32 is MKL, which on AMD CPUs runs a generic code path
 // (measured at 40-60% of oneDNN's speed on Zen 3 and Zen 5), while on Intel
-// CPUs the two are close. So the first float32 GEMM measures both on one
-// small product (checking oneDNN's result against ATen's) and keeps the faster
-// one for the process. KDKERNELS_GEMM=aten or =onednn forces an engine;
+// CPUs the two are close and each wins on some shapes (Intel Xeon, 1 thread:
+// oneDNN took 0.67x MKL's time for SP's Gram Q Q^T [64,16384]x[16384,64], MKL
+// 0.74x oneDNN's for (dA + dA^T) Q [64,64]x[64,16384], whose transposed weight
+// oneDNN reorders). So the first float32 GEMM checks oneDNN's result against
+// ATen's on a small product, and the first call of each call shape (m, k, n,
+// the operands' layouts, accumulate or not, intra-op threads) times both
+// engines on the call's own operands (twice each, interleaved, best of each)
+// and keeps the faster one for that shape for the rest of the process; the
+// result is then computed by that engine, so every call of a shape gives the
+// same bits. KDKERNELS_GEMM=aten or =onednn forces an engine;
 // torch.backends.mkldnn.enabled = False sends every call to ATen. float64
 // always uses ATen (oneDNN has no float64 GEMM). Both are plain float32 GEMMs
 // with float32 accumulation; oneDNN follows torch's float32 matmul precision
@@ -20,10 +27,16 @@
 #include <ATen/core/stack.h>
 #include <c10/util/Exception.h>
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <string>
 
@@ -71,7 +84,8 @@ double best_ms(const std::function<void()>& f, int reps) {
 }
 
 struct Engine {
-  std::optional<OneDnn> onednn;  // set when float32 GEMMs go to oneDNN
+  std::optional<OneDnn> onednn;  // set when float32 GEMMs may go to oneDNN
+  bool per_shape;                // choose per call shape (else oneDNN whenever it is set)
   std::string name;
   std::string why;
 };
@@ -81,35 +95,28 @@ Engine choose_engine() {
   const std::string want = forced != nullptr ? forced : "";
   TORCH_CHECK(want.empty() || want == "aten" || want == "onednn",
               "KDKERNELS_GEMM must be 'aten' or 'onednn' (or unset), got '", want, "'");
-  if (want == "aten") return {std::nullopt, "aten", "forced by KDKERNELS_GEMM"};
+  if (want == "aten") return {std::nullopt, false, "aten", "forced by KDKERNELS_GEMM"};
   std::optional<OneDnn> o = find_onednn();
   if (!o) {
     TORCH_CHECK(want.empty(), "KDKERNELS_GEMM=onednn: this torch has no mkldnn::_linear_pointwise");
-    return {std::nullopt, "aten", "torch has no mkldnn::_linear_pointwise"};
+    return {std::nullopt, false, "aten", "torch has no mkldnn::_linear_pointwise"};
   }
-  // One small product of the LSH kind: check oneDNN's result, then time both.
+  // One small product: oneDNN's result must match ATen's.
   // (deterministic values: the global random generator is the user's)
-  const Tensor a = at::arange(256 * 512, at::kFloat).mul_(0.37f).sin_().view({256, 512});
-  const Tensor b = at::arange(512 * 1024, at::kFloat).mul_(0.73f).cos_().view({512, 1024});
+  const Tensor a = at::arange(64 * 96, at::kFloat).mul_(0.37f).sin_().view({64, 96});
+  const Tensor b = at::arange(96 * 80, at::kFloat).mul_(0.73f).cos_().view({96, 80});
   try {
     if (!at::allclose(onednn_mm(*o, a, b), at::mm(a, b), 1e-4, 1e-3)) {
       TORCH_CHECK(want.empty(), "KDKERNELS_GEMM=onednn: oneDNN's product differs from ATen's");
-      return {std::nullopt, "aten", "oneDNN's product differs from ATen's"};
+      return {std::nullopt, false, "aten", "oneDNN's product differs from ATen's"};
     }
   } catch (const c10::Error& e) {
     TORCH_CHECK(want.empty(), "KDKERNELS_GEMM=onednn: oneDNN refused float32: ", e.what_without_backtrace());
-    return {std::nullopt, "aten", "oneDNN refused float32"};
+    return {std::nullopt, false, "aten", "oneDNN refused float32"};
   }
-  if (want == "onednn") return {o, "onednn", "forced by KDKERNELS_GEMM"};
-  double t_dnn = 1e300, t_aten = 1e300;
-  for (int round = 0; round < 3; ++round) {  // interleaved, best of each
-    t_dnn = std::min(t_dnn, best_ms([&] { onednn_mm(*o, a, b); }, 2));
-    t_aten = std::min(t_aten, best_ms([&] { at::mm(a, b); }, 2));
-  }
-  const std::string times = "256x512x1024: oneDNN " + std::to_string(t_dnn) + " ms, ATen " +
-                            std::to_string(t_aten) + " ms";
-  if (t_dnn <= t_aten) return {o, "onednn", "measured faster (" + times + ")"};
-  return {std::nullopt, "aten", "measured faster (" + times + ")"};
+  if (want == "onednn") return {o, false, "onednn", "forced by KDKERNELS_GEMM"};
+  return {o, true, "per-shape",
+          "the faster of oneDNN and ATen for each call shape, timed on its first call"};
 }
 
 const Engine& engine() {
@@ -117,26 +124,79 @@ const Engine& engine() {
   return e;
 }
 
-const OneDnn* onednn_for(const Tensor& a, const Tensor& b) {
+// The per-shape choices: (m, k, n, a contiguous, b row-major, accumulate,
+// threads) -> oneDNN or not, with the times that decided it.
+using ShapeKey = std::array<int64_t, 7>;
+struct ShapeChoice {
+  bool onednn;
+  double ms_onednn, ms_aten;
+};
+std::mutex g_shapes_mutex;
+std::map<ShapeKey, ShapeChoice> g_shapes;
+constexpr size_t kMaxShapes = 4096;  // beyond this many shapes: ATen, untimed
+
+// Whether this call goes to oneDNN; a shape's first call times `dnn` and `aten`
+// (results dropped) under the lock, so concurrent first calls agree.
+bool choose_onednn(const Tensor& a, const Tensor& b, bool add, const std::function<void()>& dnn,
+                   const std::function<void()>& aten) {
+  const ShapeKey key = {a.size(0), a.size(1), b.size(1), a.is_contiguous() ? 1 : 0, b.stride(1) == 1 ? 1 : 0,
+                        add ? 1 : 0, at::get_num_threads()};
+  std::lock_guard<std::mutex> lock(g_shapes_mutex);
+  const auto it = g_shapes.find(key);
+  if (it != g_shapes.end()) return it->second.onednn;
+  if (g_shapes.size() >= kMaxShapes) return false;
+  double t_dnn = 1e300, t_aten = 1e300;
+  for (int round = 0; round < 2; ++round) {  // interleaved, best of each
+    t_dnn = std::min(t_dnn, best_ms(dnn, 1));
+    t_aten = std::min(t_aten, best_ms(aten, 1));
+  }
+  const bool use = t_dnn <= t_aten;
+  g_shapes.emplace(key, ShapeChoice{use, t_dnn, t_aten});
+  return use;
+}
+
+// oneDNN for this float32 call (else ATen).
+const OneDnn* onednn_for(const Tensor& a, const Tensor& b, const Tensor* c) {
   if (a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat || a.numel() == 0 || b.numel() == 0) {
     return nullptr;
   }
   const Engine& e = engine();
-  return e.onednn && at::globalContext().userEnabledMkldnn() ? &*e.onednn : nullptr;
+  if (!e.onednn || !at::globalContext().userEnabledMkldnn()) return nullptr;
+  if (!e.per_shape) return &*e.onednn;
+  const OneDnn& o = *e.onednn;
+  const bool use = c == nullptr
+                       ? choose_onednn(a, b, false, [&] { onednn_mm(o, a, b); }, [&] { at::mm(a, b); })
+                       : choose_onednn(a, b, true, [&] { onednn_addmm(o, *c, a, b); }, [&] { at::addmm(*c, a, b); });
+  return use ? &o : nullptr;
 }
 
 }  // namespace
 
 const char* gemm_engine() { return engine().name.c_str(); }
-const char* gemm_engine_reason() { return engine().why.c_str(); }
+
+std::string gemm_engine_reason() {
+  const Engine& e = engine();
+  if (!e.per_shape) return e.why;
+  std::string out = e.why;
+  std::lock_guard<std::mutex> lock(g_shapes_mutex);
+  const char* sep = ": ";
+  for (const auto& [k, v] : g_shapes) {
+    out += sep + std::to_string(k[0]) + "x" + std::to_string(k[1]) + "x" + std::to_string(k[2]) +
+           (k[4] ? "" : " (b transposed)") + (k[5] ? " +c" : "") + " @" + std::to_string(k[6]) + "t " +
+           (v.onednn ? "onednn" : "aten") + " (" + std::to_string(v.ms_onednn) + " vs " + std::to_string(v.ms_aten) +
+           " ms)";
+    sep = "; ";
+  }
+  return out;
+}
 
 Tensor gemm(const Tensor& a, const Tensor& b) {
-  if (const OneDnn* o = onednn_for(a, b)) return onednn_mm(*o, a, b);
+  if (const OneDnn* o = onednn_for(a, b, nullptr)) return onednn_mm(*o, a, b);
   return at::mm(a, b).contiguous();
 }
 
 Tensor gemm_add(const Tensor& c, const Tensor& a, const Tensor& b) {
-  if (const OneDnn* o = onednn_for(a, b)) return onednn_addmm(*o, c, a, b);
+  if (const OneDnn* o = onednn_for(a, b, &c)) return onednn_addmm(*o, c, a, b);
   Tensor out = c;
   return out.addmm_(a, b);
 }

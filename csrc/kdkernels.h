@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #if defined(__linux__)
@@ -83,13 +84,13 @@ void install_kernels(const KernelTable* table);
 Dtype kernel_dtype(at::ScalarType t);  // float, double, float16 or bfloat16
 
 // GEMMs of LSH and SP (gemm.cpp), a [m, k], b [k, n], c [m, n]: float32
-// through the engine gemm_engine() names ("onednn" or "aten"), float64
+// through the engine gemm_engine() names (per call shape the faster of oneDNN and ATen), float64
 // through ATen. The result is a new contiguous tensor, except that gemm_add
 // may accumulate into c in place.
 Tensor gemm(const Tensor& a, const Tensor& b);                      // a @ b
 Tensor gemm_add(const Tensor& c, const Tensor& a, const Tensor& b);  // c + a @ b
-const char* gemm_engine();         // "onednn" or "aten"
-const char* gemm_engine_reason();  // why (forced, measured times, ...)
+const char* gemm_engine();         // "per-shape", or "onednn" / "aten" when forced or the only one
+std::string gemm_engine_reason();  // why (forced, or each call shape's choice and times so far)
 
 // OFD (ofd.cpp)
 TensorTriple ofd_forward(const Tensor& s, const Tensor& t, const Tensor& margin, double grad_scale,

@@ -2,7 +2,7 @@
 // of N, never held as [B, N].
 //
 // Per chunk of nc hash functions (W_c = weight[n0:n0+nc], [nc, D]):
-//   H_s = f_s @ W_c^T, H_t = f_t @ W_c^T        (two GEMMs, [B, nc]; no H_t with codes)
+//   [H_s; H_t] = [f_s; f_t] @ W_c^T             (one GEMM, [2B, nc]; H_s alone with codes)
 //   fused pass per row (bias added here):
 //     y = h_t > 0 (NaN h_t -> NaN y), or bit j of the packed teacher codes
 //     bce = (1 - y) h_s - min(h_s, 0) + log1p(exp(-|h_s|))  (row sums in double)
@@ -50,8 +50,12 @@ TensorTriple lsh_forward(const Tensor& f_s, const c10::optional<Tensor>& f_t_opt
   const bool use_mse = has_ft && mse_weight != 0.0;
   need_grad_t = need_grad_t && has_ft;
 
-  const Tensor Fs = contiguous_as(f_s, acc_type);
-  const Tensor Ft = has_ft ? contiguous_as(*f_t_opt, acc_type) : Tensor();
+  // Without codes, student and teacher rows are stacked as one [2B, D] operand:
+  // both logit blocks of a chunk come from one GEMM, which streams W_c once
+  // (faster than two GEMMs of B rows; the copy is only [2B, D]).
+  const Tensor X = use_codes ? Tensor() : at::cat({f_s.to(acc_type), f_t_opt->to(acc_type)});
+  const Tensor Fs = use_codes ? contiguous_as(f_s, acc_type) : X.narrow(0, 0, B);
+  const Tensor Ft = use_codes ? (has_ft ? contiguous_as(*f_t_opt, acc_type) : Tensor()) : X.narrow(0, B, B);
   const Tensor W = contiguous_as(weight, acc_type);
   const Tensor bias = has_bias ? contiguous_as(*bias_opt, acc_type) : Tensor();
   const Tensor codes = use_codes ? codes_opt->contiguous() : Tensor();
@@ -79,8 +83,9 @@ TensorTriple lsh_forward(const Tensor& f_s, const c10::optional<Tensor>& f_t_opt
     for (int64_t n0 = 0; n0 < N; n0 += nc_max) {
       const int64_t nc = std::min(nc_max, N - n0);
       const Tensor Wc = W.narrow(0, n0, nc);  // [nc, D]
-      Tensor Hs = gemm(Fs, Wc.t());           // [B, nc], contiguous
-      const Tensor Ht = use_codes ? Tensor() : gemm(Ft, Wc.t());
+      const Tensor H = gemm(use_codes ? Fs : X, Wc.t());  // [R, nc], contiguous: H_s, then H_t
+      Tensor Hs = H.narrow(0, 0, B);
+      const Tensor Ht = use_codes ? Tensor() : H.narrow(0, B, B);
       kernels().lsh_chunk(acc, use_codes, need_grad_s, Hs.mutable_data_ptr(),
                           use_codes ? nullptr : Ht.const_data_ptr(), B, nc, cp, code_row, n0,
                           has_bias ? bias.narrow(0, n0, nc).const_data_ptr() : nullptr, w.const_data_ptr(), inv_n,

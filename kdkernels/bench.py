@@ -11,8 +11,8 @@ case, measured in the same process:
              GEMMs Qs Qs^T, Qt Qt^T and one [b,b]x[b,K]; LSH f_s W^T, f_t W^T
              and one [B,N]x[N,D] (``torch.mm``)
   engine_floor  SP and LSH on CPU only: the same GEMMs through the kernels' own
-             GEMM engine (``kdkernels._C.gemm``: oneDNN or ATen, whichever was
-             faster here), so kdk/engine_floor is the fused kernel's overhead
+             GEMM engine (``kdkernels._C.gemm``: per call shape oneDNN or ATen,
+             whichever was faster here), so kdk/engine_floor is the fused kernel's overhead
              over its GEMMs
 
 The floor of the SP and LSH targets (and of kdk/floor) on CPU is the faster of
@@ -740,6 +740,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     results = run(cases, args.device, repeats, warmup, impls, memory=not args.no_memory,
                   show_progress=not args.no_progress)
     elapsed = time.perf_counter() - start
+    if args.device == "cpu":  # the engine's per-shape choices, made during the run
+        info.update({k: v for k, v in machine_info(args.device).items() if k.startswith("gemm_engine")})
 
     title = (f"kdkernels bench ({args.device}, fp32, {'quick, ' if args.quick else ''}{info['threads']} threads, "
              f"torch {info['torch']}, {info['cpu'] if args.device == 'cpu' else info.get('gpu', '')})")

@@ -1,6 +1,6 @@
 """The GEMM engine of the LSH and SP C++ kernels (csrc/gemm.cpp): float32 through
 the faster of oneDNN (torch's registered mkldnn::_linear_pointwise) and ATen,
-measured once per process, or the one KDKERNELS_GEMM forces; float64 through
+timed per call shape on its first call, or the one KDKERNELS_GEMM forces; float64 through
 ATen; the same losses either way."""
 import os
 import subprocess
@@ -32,12 +32,18 @@ def test_gemm_matches_torch_mm(dtype, m, k, n, layout):
 
 
 def test_engine_is_named_with_its_reason():
-    assert _cpu._C.gemm_engine() in ("onednn", "aten")
+    engine = _cpu._C.gemm_engine()
+    assert engine in ("per-shape", "onednn", "aten")
     reason = _cpu._C.gemm_engine_reason()
     if os.environ.get("KDKERNELS_GEMM"):
         assert "forced" in reason
-    elif _cpu._C.gemm_engine() == "onednn":
-        assert "measured" in reason  # oneDNN is only taken when it won the measurement
+    elif engine == "onednn":
+        pytest.fail(f"oneDNN for every shape without KDKERNELS_GEMM: {reason}")
+    elif engine == "per-shape":  # each shape timed once; its choice and times are listed
+        a, b = torch.randn(48, 40), torch.randn(40, 56)
+        first = _cpu._C.gemm(a, b)
+        assert "48x40x56" in _cpu._C.gemm_engine_reason()
+        assert torch.equal(_cpu._C.gemm(a, b), first)  # the shape's engine is fixed after its first call
 
 
 def test_mkldnn_disabled_still_exact():

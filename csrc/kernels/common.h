@@ -118,10 +118,6 @@ C10_ALWAYS_INLINE Vectorized<A> lt(const Vectorized<A>& a, const Vectorized<A>& 
   return mask_op(a, b, [](A x, A y) { return x < y; });
 }
 template <typename A>
-C10_ALWAYS_INLINE Vectorized<A> ge(const Vectorized<A>& a, const Vectorized<A>& b) {
-  return mask_op(a, b, [](A x, A y) { return x >= y; });
-}
-template <typename A>
 C10_ALWAYS_INLINE Vectorized<A> isnan_mask(const Vectorized<A>& a) {
   return mask_op(a, a, [](A x, A) { return x != x; });
 }
@@ -136,11 +132,6 @@ C10_ALWAYS_INLINE Vectorized<A> select(const Vectorized<A>& a, const Vectorized<
   mask.store(mv);
   for (int64_t l = 0; l < W; ++l) out[l] = (bv[l] & mv[l]) | (av[l] & ~mv[l]);
   return Vectorized<A>::loadu(out);
-}
-// max(a, b), NaN where a is NaN
-template <typename A>
-C10_ALWAYS_INLINE Vectorized<A> max_nan(const Vectorized<A>& a, const Vectorized<A>& b) {
-  return select(b, a, gt(a, b) | isnan_mask(a));
 }
 template <typename A>
 C10_ALWAYS_INLINE Vectorized<A> neg(const Vectorized<A>& a) {
@@ -160,10 +151,6 @@ C10_ALWAYS_INLINE Vectorized<A> lt(const Vectorized<A>& a, const Vectorized<A>& 
   return a < b;
 }
 template <typename A>
-C10_ALWAYS_INLINE Vectorized<A> ge(const Vectorized<A>& a, const Vectorized<A>& b) {
-  return a >= b;
-}
-template <typename A>
 C10_ALWAYS_INLINE Vectorized<A> isnan_mask(const Vectorized<A>& a) {
   return a.isnan();
 }
@@ -178,10 +165,6 @@ C10_ALWAYS_INLINE Vectorized<A> neg(const Vectorized<A>& a) {
 template <typename A>
 C10_ALWAYS_INLINE Vectorized<A> absv(const Vectorized<A>& a) {
   return a.abs();
-}
-template <typename A>
-C10_ALWAYS_INLINE Vectorized<A> max_nan(const Vectorized<A>& a, const Vectorized<A>& b) {
-  return at::vec::maximum(a, b);
 }
 #endif
 
