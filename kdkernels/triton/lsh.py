@@ -245,13 +245,16 @@ def lsh_forward(f_s, f_t, weight, bias, teacher_codes, mse_weight, row_weight, n
     kind = dtype_class(f_s.dtype)
     pm, pn, pk, p_warps, p_stages = proj_config(kind, use_codes, _utils.arch(dev), need_gs)
     gm, gd, gk, g_warps, g_stages = grad_config(kind, _utils.arch(dev))
+    ws = _utils.warp_size(dev)  # the configs count warps of 32 lanes and NVIDIA's pipeline stages
+    p_warps, g_warps = _utils.scale_warps(p_warps, ws), _utils.scale_warps(g_warps, ws)
+    p_stages, g_stages = _utils.pipeline_stages(p_stages, dev), _utils.pipeline_stages(g_stages, dev)
     g_dtype = f_s.dtype  # the second GEMM runs in the input dtype, as autograd's would
     chunk = chunk_rows(B, N, torch.finfo(g_dtype).bits // 8, max(pm, gm), min(pm, gm))
     n_parts = cdiv(N, pn)
     g_buf = torch.empty((chunk, N) if need_gs else (0,), dtype=g_dtype, device=dev)
     part = torch.empty((n_parts, chunk), dtype=cdtype, device=dev)
     sse = torch.empty(chunk if has_mse else 0, dtype=cdtype, device=dev)
-    common = dict(CDTYPE=compute_tl_dtype(f_s.dtype), DOT_PREC=dot_precision(f_s.dtype), INTERP=interpreting())
+    common = dict(CDTYPE=compute_tl_dtype(f_s.dtype), DOT_PREC=dot_precision(f_s.dtype, dev), INTERP=interpreting())
     mse_bits = scalar_bits(mse_weight)
     for r0 in range(0, B, chunk):
         M = min(chunk, B - r0)
