@@ -125,12 +125,12 @@ def resolve_backend(backend, device: torch.device) -> str:
     if backend == "auto":
         if device.type == "cpu":
             return "cpu"
-        if device.type == "cuda":
+        if device.type == "cuda":  # NVIDIA CUDA and AMD ROCm (torch calls HIP devices "cuda" too)
             return "triton"
         return "reference"
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend: 'cpu' runs the C++ kernels on CPU tensors, got tensors on {device}; "
-                         "use backend='triton' (or 'auto') for CUDA tensors")
+                         "use backend='triton' (or 'auto') for CUDA / ROCm tensors")
     if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
         raise ValueError(f"backend: 'triton' needs CUDA tensors, got tensors on {device}; "
                          "on CPU it runs only under the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)")

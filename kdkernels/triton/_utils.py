@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -21,21 +22,33 @@ def compute_tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """input_precision of tl.dot for operands of an input dtype, as torch's matmuls do.
+def dot_precision(dtype: torch.dtype, where=None, matmul_precision: Optional[str] = None) -> str:
+    """input_precision of tl.dot for operands of an input dtype, as torch's matmuls do,
+    on ``where`` (a torch.device or a ``Target``; None or a CPU device: the modelled
+    NVIDIA GPU, whose precisions the interpreter takes).
 
     float16/bfloat16: the operands go to tl.dot unconverted (native 16-bit tensor
-    cores, float32 accumulation); input_precision does not apply to them.
-    float32: ``torch.get_float32_matmul_precision()`` -- 'highest' (torch's default)
-    keeps float32 accuracy with "tf32x3" (three TF32 products), 'high' / 'medium'
-    allow single-pass "tf32". Read on the host at launch (no device work).
-    float64: "ieee" (exact float64 FMAs).
+    cores / MFMA, float32 accumulation); input_precision does not apply to them
+    (the backend's always-allowed value is passed).
+    float32: ``matmul_precision``, by default ``torch.get_float32_matmul_precision()``
+    read on the host at launch.
+    NVIDIA: 'highest' (torch's default) keeps float32 accuracy with "tf32x3" (three
+    TF32 products), 'high' / 'medium' allow single-pass "tf32". AMD (triton's HIP
+    backend takes ieee, bf16x3, bf16x6, and tf32 on gfx942 only): 'highest' is
+    "ieee" (CDNA's native float32 MFMA), 'high' / 'medium' "tf32" (xf32 MFMA) on
+    gfx942 and "bf16x3" (torch's definition of 'high': each float32 as two
+    bfloat16s) elsewhere.
+    float64: "ieee" (exact float64 FMAs / MFMA).
     """
-    if dtype == torch.float64:
+    tgt = _as_target(where)
+    hip = tgt.backend == "hip"
+    if dtype == torch.float64 or (hip and dtype != torch.float32):
         return "ieee"
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "tf32x3"
-    return "tf32"
+    if matmul_precision is None:
+        matmul_precision = torch.get_float32_matmul_precision()
+    if dtype == torch.float32 and matmul_precision == "highest":
+        return "ieee" if hip else "tf32x3"
+    return "bf16x3" if hip and tgt.arch != "gfx942" else "tf32"
 
 
 def scalar_bits(value: float) -> int:
@@ -63,19 +76,78 @@ def target_programs(device: torch.device) -> int:
     return 2 * MODEL_SMS if MODEL_SMS else 4
 
 
-_ARCH = {}
+class Target(NamedTuple):
+    """A compile target: backend "cuda" (arch 80, 86, 90, ...) or "hip" (arch "gfx942", ...)
+    and its warp (wavefront) size."""
+    backend: str
+    arch: object
+    warp_size: int
+
+    @property
+    def family(self) -> int:
+        """Config family of the launch heuristics: 90 (Hopper and newer: wgmma, operands
+        from shared memory) or 80 (Ampere: mma.sync, operands in registers, so smaller
+        tiles). AMD CDNA's MFMA also takes its operands from registers: family 80."""
+        return 90 if self.backend == "cuda" and int(self.arch) >= 90 else 80
+
+
+# what the heuristics assume off a GPU (the interpreter): the H100 the traffic report models
+MODEL_TARGET = Target("cuda", 90, 32)
+_TARGETS = {}
+
+
+def target(device: Optional[torch.device]) -> Target:
+    """The compile target of a device, cached per device (no driver query per call).
+    ROCm devices are torch device "cuda" too; ``torch.version.hip`` tells them apart."""
+    if device is None or device.type != "cuda":
+        return MODEL_TARGET
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _TARGETS:
+        props = torch.cuda.get_device_properties(idx)
+        if torch.version.hip:
+            gfx = props.gcnArchName.split(":")[0]
+            # triton's rule where torch does not report it: wave64 before RDNA (gfx10)
+            ws = getattr(props, "warp_size", None) or (32 if int(gfx[3:-2]) >= 10 else 64)
+            _TARGETS[idx] = Target("hip", gfx, int(ws))
+        else:
+            major, minor = torch.cuda.get_device_capability(idx)
+            _TARGETS[idx] = Target("cuda", 10 * major + minor, int(getattr(props, "warp_size", 32) or 32))
+    return _TARGETS[idx]
+
+
+def _as_target(where) -> "Target":
+    return where if isinstance(where, Target) else target(where)
+
+
+def pipeline_stages(stages: int, where) -> int:
+    """num_stages of a GEMM's K loop on ``where`` (a torch.device or a ``Target``): the
+    config's on NVIDIA, at most 2 on AMD (the HIP backend's stream-pipeliner default; a
+    third stage keeps another set of K-step addresses live and spills SGPRs in
+    sp_bwd_kernel's float32 32-row tiles)."""
+    return min(stages, 2) if _as_target(where).backend == "hip" else stages
 
 
 def arch(device: torch.device) -> int:
-    """Config family of a device: 90 (Hopper and newer: wgmma, operands from shared
-    memory) or 80 (Ampere: mma.sync, operands in registers, so smaller tiles). Off a
-    GPU (the interpreter) 90, the GPU the traffic report models. Cached per device."""
-    if device.type != "cuda":
-        return 90
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _ARCH:
-        _ARCH[idx] = 90 if torch.cuda.get_device_capability(idx)[0] >= 9 else 80
-    return _ARCH[idx]
+    """Config family (``Target.family``) of a device: 90 or 80."""
+    return target(device).family
+
+
+def warp_size(device: torch.device) -> int:
+    """Lanes of a warp / wavefront on device: 32 on NVIDIA, 64 on AMD CDNA (MI250, MI300)."""
+    return target(device).warp_size
+
+
+def scale_warps(warps32: int, ws: int) -> int:
+    """num_warps for a program that a config sizes as ``warps32`` warps of 32 lanes, on a
+    device with ``ws``-lane warps. NVIDIA (32): unchanged. AMD CDNA (64-lane wavefronts):
+    as many wavefronts, i.e. twice the lanes, each with half the elements and registers of
+    an NVIDIA thread, capped at 1024 lanes a workgroup. Keeping the lanes instead (half as
+    many wavefronts) runs the AMD compiler out of scalar registers (~102 SGPRs a wave) in
+    16 configs per arch (SGPR spills in the AOT report); this sizing has none."""
+    return max(1, min(warps32, MAX_LANES // ws))
+
+
+MAX_LANES = 1024  # threads / lanes of a program on both vendors
 
 
 def next_pow2(n: int) -> int:

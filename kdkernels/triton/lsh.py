@@ -61,7 +61,7 @@ GRAD_CONFIG = {(90, "half"): (64, 128, 64, 8, 3), (90, "fp32"): (128, 64, 16, 8,
 # float64 always takes the two-kernel path.
 FUSED_CONFIG = {(90, "half"): (64, 32, 8, 3, 256), (80, "half"): (64, 32, 8, 2, 128),
                 (90, "fp32"): (64, 32, 8, 2, 64), (80, "fp32"): (32, 32, 4, 2, 32)}
-REDUCE_CONFIG = (64, 64, 16, 4, 1)
+REDUCE_CONFIG = (64, 32, 16, 4, 1)
 MAX_SPLITS = 8  # hash-axis splits of lsh_fused_kernel (bounds the partial-sum buffer)
 L2_CHUNK_BYTES = 16 << 20  # budget for a chunk's [chunk, N] G (H100: 50 MB of L2, A100: 40 MB)
 
@@ -384,9 +384,12 @@ def lsh_forward(f_s, f_t, weight, bias, teacher_codes, mse_weight, row_weight, n
         chunk = chunk_rows(B, N, elem, max(pm, gm), min(pm, gm))
         n_parts = cdiv(N, pn)
         g_buf = torch.empty((chunk, N) if need_gs else (0,), dtype=f_s.dtype, device=dev)
+    ws = _utils.warp_size(dev)  # the configs count warps of 32 lanes and NVIDIA's pipeline stages
+    p_warps, g_warps = _utils.scale_warps(p_warps, ws), _utils.scale_warps(g_warps, ws)
+    p_stages, g_stages = _utils.pipeline_stages(p_stages, dev), _utils.pipeline_stages(g_stages, dev)
     part = torch.empty((n_parts, chunk), dtype=cdtype, device=dev)
     sse = torch.empty(chunk if has_mse else 0, dtype=cdtype, device=dev)
-    common = dict(CDTYPE=compute_tl_dtype(f_s.dtype), DOT_PREC=dot_precision(f_s.dtype), INTERP=interpreting())
+    common = dict(CDTYPE=compute_tl_dtype(f_s.dtype), DOT_PREC=dot_precision(f_s.dtype, dev), INTERP=interpreting())
     flags = dict(HAS_BIAS=bias is not None, USE_CODES=use_codes, HAS_MSE=has_mse, NEED_GS=need_gs)
     mse_bits = scalar_bits(mse_weight)
     for r0 in range(0, B, chunk):

@@ -19,9 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import compute_tl_dtype, next_pow2, scalar_arg, scalar_bits
+from ._utils import compute_tl_dtype, next_pow2, scalar_arg, scalar_bits, scale_warps, warp_size
 
-# 1024 elements a program, 4 warps = 8 per thread, in every tile shape.
+# 1024 elements a program, 4 warps = 8 per thread (4 a lane with AMD's 64-lane wavefronts: scale_warps), in every
+# tile shape.
 TILE = 1024
 NUM_WARPS = 4
 
@@ -177,7 +178,8 @@ def _launch_fwd(s, t, margin, scale, store_d, need_gs, need_gt):
         ofd_fwd_kernel[grid](
             s, t, margin, out, gs if need_gs else out, gt if need_gt else out, *shape, scalar_bits(scale),
             STORE_D=store_d, NEED_GS=need_gs, NEED_GT=need_gt, CDTYPE=compute_tl_dtype(s.dtype),
-            BLOCK_O=blocks[0], BLOCK_C=blocks[1], BLOCK_I=blocks[2], num_warps=NUM_WARPS)
+            BLOCK_O=blocks[0], BLOCK_C=blocks[1], BLOCK_I=blocks[2],
+            num_warps=scale_warps(NUM_WARPS, warp_size(s.device)))
     return out, _back_to(gs, s_orig), _back_to(gt, t_orig)
 
 
@@ -204,5 +206,6 @@ def ofd_backward(grad_d, s, t, margin, need_grad_s, need_grad_t):
         ofd_bwd_kernel[_grid(shape, blocks)](
             gd, s, t, margin, gs if need_gs else gd, gt if need_gt else gd, *shape,
             NEED_GS=need_gs, NEED_GT=need_gt, CDTYPE=compute_tl_dtype(s.dtype),
-            BLOCK_O=blocks[0], BLOCK_C=blocks[1], BLOCK_I=blocks[2], num_warps=NUM_WARPS)
+            BLOCK_O=blocks[0], BLOCK_C=blocks[1], BLOCK_I=blocks[2],
+            num_warps=scale_warps(NUM_WARPS, warp_size(s.device)))
     return _back_to(gs, s_orig), _back_to(gt, t_orig)

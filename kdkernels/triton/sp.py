@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._utils import arch, cdiv, compute_tl_dtype, dot_precision, empty_grad, interpreting, mma, next_pow2, row_major, \
-    scalar_arg, scalar_bits, sqrt_rn, target_programs
+    pipeline_stages, scalar_arg, scalar_bits, scale_warps, sqrt_rn, target_programs, warp_size
 
 SP_EPS = 1e-12
 MIN_K_PER_SPLIT = 512  # columns a Gram split / a dQ program covers at least
@@ -306,8 +306,10 @@ def rows_block_c(b: int) -> int:
 
 
 def num_warps(bm: int, dtype: torch.dtype, arch: int) -> int:
-    """8 warps from 64 rows (from 32 for sm_80's float32, whose 3xTF32 operands live in registers)."""
-    return 8 if bm >= 64 or (arch == 80 and dtype == torch.float32 and bm >= 32) else 4
+    """8 warps of 32 lanes from 64 rows, and from 32 for float32 (sm_80's 3xTF32 operands live in
+    registers; on sm_90 ptxas spills 8 bytes of the 32-row single-pass TF32 Gram tile at 4 warps);
+    ``scale_warps`` turns them into a device's warps. ``arch`` is kept for the callers' symmetry."""
+    return 8 if bm >= 64 or (dtype == torch.float32 and bm >= 32) else 4
 
 
 def configs(dtype: torch.dtype, arch: int):
@@ -332,14 +334,16 @@ def _gram(q: torch.Tensor, cdtype: torch.dtype):
     b, K = q.shape
     bm = block_m(b, q.dtype, arch(q.device))
     _, bk, stages = gemm_config(q.dtype, arch(q.device))
+    stages = pipeline_stages(stages, q.device)
     nt = cdiv(b, bm)
     k_per_split = _k_split(K, nt * (nt + 1) // 2, q.device, bk)
     splits = max(1, cdiv(K, k_per_split))
     a = torch.empty((splits, b, b), dtype=cdtype, device=q.device)
     sp_gram_fwd_kernel[(nt * nt, splits)](
         q, a, b, K, q.stride(0), k_per_split,
-        CDTYPE=compute_tl_dtype(q.dtype), DOT_PREC=dot_precision(q.dtype), INTERP=interpreting(),
-        SINGLE_TILE=nt == 1, BLOCK_M=bm, BLOCK_K=bk, num_warps=num_warps(bm, q.dtype, arch(q.device)),
+        CDTYPE=compute_tl_dtype(q.dtype), DOT_PREC=dot_precision(q.dtype, q.device), INTERP=interpreting(),
+        SINGLE_TILE=nt == 1, BLOCK_M=bm, BLOCK_K=bk,
+        num_warps=scale_warps(num_warps(bm, q.dtype, arch(q.device)), warp_size(q.device)),
         num_stages=stages)
     return a, splits
 
@@ -348,13 +352,14 @@ def _dq(da: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> None:
     b, K = q.shape
     bm = block_m(b, q.dtype, arch(q.device))
     _, bk, stages = gemm_config(q.dtype, arch(q.device))
+    stages = pipeline_stages(stages, q.device)
     k_per_prog = _k_split(K, cdiv(b, bm), q.device, bk)
     sp_bwd_kernel[(cdiv(b, bm), cdiv(K, k_per_prog))](
         da, q, out, b, K, q.stride(0), out.stride(0), k_per_prog,
-        CDTYPE=compute_tl_dtype(q.dtype), DOT_PREC=dot_precision(q.dtype), INTERP=interpreting(),
+        CDTYPE=compute_tl_dtype(q.dtype), DOT_PREC=dot_precision(q.dtype, q.device), INTERP=interpreting(),
         SINGLE_C=b <= max_single_c(q.dtype, arch(q.device)), BLOCK_M=bm, BLOCK_K=bk,
         BLOCK_C=bwd_block_c(b, q.dtype, arch(q.device)),
-        num_warps=num_warps(bm, q.dtype, arch(q.device)),
+        num_warps=scale_warps(num_warps(bm, q.dtype, arch(q.device)), warp_size(q.device)),
         num_stages=stages)
 
 
@@ -379,7 +384,8 @@ def sp_forward(q_s, q_t, p, row_weight, need_grad_s, need_grad_t):
         a_s, a_t, row_weight.contiguous(), rows, da_s if need_gs else rows, da_t if need_gt else rows,
         b, splits_s, splits_t, scalar_bits(SP_EPS),
         P=int(p), NEED_GS=need_gs, NEED_GT=need_gt, CDTYPE=compute_tl_dtype(q_s.dtype),
-        ROWS=ROWS_R, BLOCK_C=rows_block_c(b), SINGLE=b <= ROWS_BLOCK_C, num_warps=ROWS_WARPS)
+        ROWS=ROWS_R, BLOCK_C=rows_block_c(b), SINGLE=b <= ROWS_BLOCK_C,
+        num_warps=scale_warps(ROWS_WARPS, warp_size(dev)))
     if need_gs and q_s.shape[1]:
         _dq(da_s, qs, gs)
     if need_gt and q_t.shape[1]:
