@@ -119,3 +119,21 @@ def cpu_sp_ready() -> bool:
         return True
     except (NotImplementedError, RuntimeError):
         return False
+
+
+def once_per_session(tmp_path_factory, name: str, compute: Callable):
+    """``compute()`` run once per test session and shared by its pytest-xdist workers
+    (the first worker computes under a lock file, the others read its pickle). The
+    directory is the session's own: under xdist the workers' common parent, else the
+    session's base temp dir."""
+    import fcntl
+    import pickle
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = shared / f"kdkernels-{name}.pickle"
+    with open(shared / f"kdkernels-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.exists():
+            out.write_bytes(pickle.dumps(compute()))
+    return pickle.loads(out.read_bytes())

@@ -10,15 +10,17 @@ wait for its JSON (a lock file in the session's shared temp directory). The test
 covers float32 and bfloat16 inputs to stay fast on 2 cores; the command line's
 default also compiles float16 and float64.
 """
-import fcntl
 import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 triton = pytest.importorskip("triton")
+
+from helpers import once_per_session  # noqa: E402
 
 KERNELS = ["ofd_fwd_kernel", "ofd_bwd_kernel", "nd_fwd_kernel", "lsh_proj_kernel", "lsh_fused_kernel",
            "lsh_grad_kernel", "sp_gram_fwd_kernel", "sp_rows_fwd_kernel", "sp_bwd_kernel"]
@@ -29,25 +31,25 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _compile_all():
+    """(returncode, stdout + stderr, rows) of ``python -m kdkernels.triton.aot`` for TARGETS."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "aot.json")
+        proc = subprocess.run([sys.executable, "-m", "kdkernels.triton.aot", "--target", *TARGETS,
+                               "--dtypes", "fp32", "bf16", "--json", out], capture_output=True, text=True,
+                              env=env, cwd=ROOT, timeout=900)
+        rows = json.load(open(out)) if os.path.exists(out) else []
+    return proc.returncode, proc.stdout + proc.stderr[-3000:], rows
+
+
 @pytest.fixture(scope="module")
 def aot_run(tmp_path_factory):
     """(returncode, stdout, rows) of one AOT run, shared by the xdist workers of a session."""
     if not os.path.exists(CUOBJDUMP):
         pytest.skip("the triton wheel has no cuobjdump")
-    shared = tmp_path_factory.getbasetemp().parent  # common to all workers of this session
-    out, log = shared / "kdkernels-aot.json", shared / "kdkernels-aot.log"
-    with open(shared / "kdkernels-aot.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not log.exists():
-            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-            env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-            proc = subprocess.run([sys.executable, "-m", "kdkernels.triton.aot", "--target", *TARGETS,
-                                   "--dtypes", "fp32", "bf16", "--json", str(out)], capture_output=True, text=True,
-                                  env=env, cwd=ROOT, timeout=900)
-            log.write_text(json.dumps(dict(rc=proc.returncode, stdout=proc.stdout, stderr=proc.stderr[-3000:])))
-    res = json.loads(log.read_text())
-    rows = json.loads(out.read_text()) if out.exists() else []
-    return res["rc"], res["stdout"] + res["stderr"], rows
+    return once_per_session(tmp_path_factory, "aot", _compile_all)
 
 
 def test_every_config_compiles_without_spills(aot_run):

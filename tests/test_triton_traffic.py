@@ -10,6 +10,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from helpers import once_per_session  # noqa: E402
 from kdkernels.triton import traffic  # noqa: E402
 
 # rows that are over their target, with the reason (strict: a row that starts meeting
@@ -29,8 +30,10 @@ AT_BOUND = {("ofd", "fp32"), ("ofd", "bf16")}
 
 
 @pytest.fixture(scope="module")
-def rows():
-    return {(r["loss"], r["dtype"]): r for r in traffic.report()}
+def rows(tmp_path_factory):
+    """The report's rows by (loss, dtype), measured once per session (~35 s under the interpreter)."""
+    report = once_per_session(tmp_path_factory, "traffic", traffic.report)
+    return {(r["loss"], r["dtype"]): r for r in report}
 
 
 def test_counter_sees_kernel_bytes_and_host_syncs():
