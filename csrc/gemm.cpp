@@ -1,5 +1,6 @@
 // The GEMMs of the LSH and SP kernels: for float32, the faster of the two
-// engines torch has on this machine, chosen per call shape.
+// engines torch has on this machine, chosen per call shape; SP's Gram
+// matrices, by a triangle kernel or one GEMM as was faster; and the timed choices behind both.
 //
 //   "onednn": torch's registered op mkldnn::_linear_pointwise (and its .binary
 //             overload for c + a @ b), called through the c10 dispatcher: the
@@ -14,7 +15,7 @@
 // oneDNN reorders). So the first float32 GEMM checks oneDNN's result against
 // ATen's on a small product, and the first call of each call shape (m, k, n,
 // the operands' layouts, accumulate or not, intra-op threads) times both
-// engines on the call's own operands (twice each, interleaved, best of each)
+// engines on the call's own operands (see timed_choice below)
 // and keeps the faster one for that shape for the rest of the process; the
 // result is then computed by that engine, so every call of a shape gives the
 // same bits. KDKERNELS_GEMM=aten or =onednn forces an engine;
@@ -124,36 +125,58 @@ const Engine& engine() {
   return e;
 }
 
-// The per-shape choices: (m, k, n, a contiguous, b row-major, accumulate,
-// threads) -> oneDNN or not, with the times that decided it.
-using ShapeKey = std::array<int64_t, 7>;
-struct ShapeChoice {
-  bool onednn;
-  double ms_onednn, ms_aten;
+// Timed choices between two equivalent ways of computing something (see
+// kdkernels.h): per (kind, key), the first call runs each way once to warm it
+// up (oneDNN JIT-compiles a kernel per shape, MKL sizes its buffers), then
+// times both three times, interleaved, and keeps the faster (best of each)
+// for the rest of the process, so every later call with that key computes the
+// same bits. Recursive lock: timing the Gram matrix by blocks makes its
+// blocks' GEMMs choose their engine.
+struct Choice {
+  const TimedChoice* kind;
+  bool first;
+  double ms_first, ms_second;
 };
-std::mutex g_shapes_mutex;
-std::map<ShapeKey, ShapeChoice> g_shapes;
-constexpr size_t kMaxShapes = 4096;  // beyond this many shapes: ATen, untimed
+std::recursive_mutex g_choice_mutex;
+std::map<std::pair<std::string, ShapeKey>, Choice> g_choices;
+constexpr size_t kMaxChoices = 4096;  // beyond this many keys: the second way, untimed
 
-// Whether this call goes to oneDNN; a shape's first call times `dnn` and `aten`
-// (results dropped) under the lock, so concurrent first calls agree.
-bool choose_onednn(const Tensor& a, const Tensor& b, bool add, const std::function<void()>& dnn,
-                   const std::function<void()>& aten) {
-  const ShapeKey key = {a.size(0), a.size(1), b.size(1), a.is_contiguous() ? 1 : 0, b.stride(1) == 1 ? 1 : 0,
-                        add ? 1 : 0, at::get_num_threads()};
-  std::lock_guard<std::mutex> lock(g_shapes_mutex);
-  const auto it = g_shapes.find(key);
-  if (it != g_shapes.end()) return it->second.onednn;
-  if (g_shapes.size() >= kMaxShapes) return false;
-  double t_dnn = 1e300, t_aten = 1e300;
-  for (int round = 0; round < 2; ++round) {  // interleaved, best of each
-    t_dnn = std::min(t_dnn, best_ms(dnn, 1));
-    t_aten = std::min(t_aten, best_ms(aten, 1));
-  }
-  const bool use = t_dnn <= t_aten;
-  g_shapes.emplace(key, ShapeChoice{use, t_dnn, t_aten});
-  return use;
+std::string gemm_key(const ShapeKey& k) {
+  return std::to_string(k[0]) + "x" + std::to_string(k[1]) + "x" + std::to_string(k[2]) +
+         (k[4] ? "" : " (b transposed)") + (k[5] ? " +c" : "") + " @" + std::to_string(k[6]) + "t";
 }
+// key: m, k, n, a contiguous, b row-major, accumulate, threads
+const TimedChoice kGemmEngine{"gemm", "onednn", "aten", gemm_key};
+
+std::string gram_key(const ShapeKey& k) {
+  return "gram " + std::to_string(k[0]) + "x" + std::to_string(k[1]) + (k[2] == 8 ? " f64" : "") + " @" +
+         std::to_string(k[3]) + "t";
+}
+// key: b, K, element size, threads
+const TimedChoice kGramKernel{"gram", "triangle kernel", "one GEMM", gram_key};
+
+}  // namespace
+
+bool timed_choice(const TimedChoice& kind, const ShapeKey& key, const std::function<void()>& first,
+                  const std::function<void()>& second) {
+  std::lock_guard<std::recursive_mutex> lock(g_choice_mutex);
+  const auto id = std::make_pair(std::string(kind.name), key);
+  const auto it = g_choices.find(id);
+  if (it != g_choices.end()) return it->second.first;
+  if (g_choices.size() >= kMaxChoices) return false;
+  first();
+  second();
+  double t1 = 1e300, t2 = 1e300;
+  for (int round = 0; round < 3; ++round) {
+    t1 = std::min(t1, best_ms(first, 1));
+    t2 = std::min(t2, best_ms(second, 1));
+  }
+  const bool use_first = t1 <= t2;
+  g_choices.emplace(id, Choice{&kind, use_first, t1, t2});
+  return use_first;
+}
+
+namespace {
 
 // oneDNN for this float32 call (else ATen).
 const OneDnn* onednn_for(const Tensor& a, const Tensor& b, const Tensor* c) {
@@ -164,10 +187,22 @@ const OneDnn* onednn_for(const Tensor& a, const Tensor& b, const Tensor* c) {
   if (!e.onednn || !at::globalContext().userEnabledMkldnn()) return nullptr;
   if (!e.per_shape) return &*e.onednn;
   const OneDnn& o = *e.onednn;
+  const ShapeKey key = {a.size(0), a.size(1), b.size(1), a.is_contiguous() ? 1 : 0, b.stride(1) == 1 ? 1 : 0,
+                        c != nullptr ? 1 : 0, at::get_num_threads()};
   const bool use = c == nullptr
-                       ? choose_onednn(a, b, false, [&] { onednn_mm(o, a, b); }, [&] { at::mm(a, b); })
-                       : choose_onednn(a, b, true, [&] { onednn_addmm(o, *c, a, b); }, [&] { at::addmm(*c, a, b); });
+                       ? timed_choice(kGemmEngine, key, [&] { onednn_mm(o, a, b); }, [&] { at::mm(a, b); })
+                       : timed_choice(kGemmEngine, key, [&] { onednn_addmm(o, *c, a, b); },
+                                      [&] { at::addmm(*c, a, b); });
   return use ? &o : nullptr;
+}
+
+// Q Q^T by the kernel module's triangle kernel (csrc/kernels/gram.cpp).
+Tensor gram_kernel(const Tensor& Q) {
+  const Tensor q = unit_inner_stride(Q);
+  Tensor A = at::empty({Q.size(0), Q.size(0)}, Q.options().memory_format(at::MemoryFormat::Contiguous));
+  kernels().gram(kernel_dtype(Q.scalar_type()), q.const_data_ptr(), q.stride(0), Q.size(0), Q.size(1),
+                 A.mutable_data_ptr());
+  return A;
 }
 
 }  // namespace
@@ -176,15 +211,12 @@ const char* gemm_engine() { return engine().name.c_str(); }
 
 std::string gemm_engine_reason() {
   const Engine& e = engine();
-  if (!e.per_shape) return e.why;
   std::string out = e.why;
-  std::lock_guard<std::mutex> lock(g_shapes_mutex);
+  std::lock_guard<std::recursive_mutex> lock(g_choice_mutex);
   const char* sep = ": ";
-  for (const auto& [k, v] : g_shapes) {
-    out += sep + std::to_string(k[0]) + "x" + std::to_string(k[1]) + "x" + std::to_string(k[2]) +
-           (k[4] ? "" : " (b transposed)") + (k[5] ? " +c" : "") + " @" + std::to_string(k[6]) + "t " +
-           (v.onednn ? "onednn" : "aten") + " (" + std::to_string(v.ms_onednn) + " vs " + std::to_string(v.ms_aten) +
-           " ms)";
+  for (const auto& [id, v] : g_choices) {
+    out += sep + v.kind->describe(id.second) + " " + (v.first ? v.kind->first : v.kind->second) + " (" +
+           std::to_string(v.ms_first) + " vs " + std::to_string(v.ms_second) + " ms)";
     sep = "; ";
   }
   return out;
@@ -199,6 +231,12 @@ Tensor gemm_add(const Tensor& c, const Tensor& a, const Tensor& b) {
   if (const OneDnn* o = onednn_for(a, b, &c)) return onednn_addmm(*o, c, a, b);
   Tensor out = c;
   return out.addmm_(a, b);
+}
+
+Tensor gram(const Tensor& Q) {
+  const ShapeKey key = {Q.size(0), Q.size(1), static_cast<int64_t>(Q.element_size()), at::get_num_threads(), 0, 0, 0};
+  const bool kernel = Q.numel() > 0 && timed_choice(kGramKernel, key, [&] { gram_kernel(Q); }, [&] { gemm(Q, Q.t()); });
+  return kernel ? gram_kernel(Q) : gemm(Q, Q.t());
 }
 
 }  // namespace kdk

@@ -4,7 +4,9 @@
 // bindings.cpp includes <torch/extension.h> itself.
 #include <ATen/ATen.h>
 
+#include <array>
 #include <cstdint>
+#include <functional>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -89,6 +91,21 @@ Dtype kernel_dtype(at::ScalarType t);  // float, double, float16 or bfloat16
 // may accumulate into c in place.
 Tensor gemm(const Tensor& a, const Tensor& b);                      // a @ b
 Tensor gemm_add(const Tensor& c, const Tensor& a, const Tensor& b);  // c + a @ b
+// A = Q Q^T [b, b] for Q [b, K] (float or double): one GEMM, or where that was
+// faster for this shape, the kernel module's triangle kernel (half the flops).
+Tensor gram(const Tensor& Q);
+// The faster of two equivalent ways to compute something, per (kind, key),
+// timed on the key's first call (gemm.cpp) and fixed for the process; the
+// choices and their times are listed by gemm_engine_reason().
+using ShapeKey = std::array<int64_t, 7>;
+struct TimedChoice {
+  const char* name;    // unique per kind
+  const char* first;   // what the two ways are called in the report
+  const char* second;
+  std::string (*describe)(const ShapeKey&);
+};
+bool timed_choice(const TimedChoice& kind, const ShapeKey& key, const std::function<void()>& first,
+                  const std::function<void()>& second);
 const char* gemm_engine();         // "per-shape", or "onednn" / "aten" when forced or the only one
 std::string gemm_engine_reason();  // why (forced, or each call shape's choice and times so far)
 

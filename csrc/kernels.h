@@ -12,7 +12,7 @@
 
 namespace kdk {
 
-inline constexpr const char* kKernelTableName = "kdkernels.kernel_table.v1";
+inline constexpr const char* kKernelTableName = "kdkernels.kernel_table.v2";
 
 enum class Dtype : int32_t { kFloat = 0, kDouble = 1, kHalf = 2, kBFloat16 = 3 };
 enum class OfdMode : int32_t { kForward = 0, kNone = 1, kBackward = 2 };
@@ -47,6 +47,9 @@ struct KernelTable {
   // SP per-row pass over the [b, b] Gram matrices (acc); das/dat may be null.
   void (*sp_rows)(Dtype acc, const void* as, const void* at, const void* w, int64_t b, bool l1, void* rows,
                   void* das, void* dat);
+  // A = q q^T (acc [b, b], every element written) for q acc [b, K] with row
+  // stride ld and unit inner stride (see csrc/kernels/gram.cpp).
+  void (*gram)(Dtype acc, const void* q, int64_t ld, int64_t b, int64_t K, void* A);
 };
 
 }  // namespace kdk

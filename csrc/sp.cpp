@@ -1,5 +1,5 @@
 // SP (similarity preserving) on CPU: the GEMMs through gemm.cpp (the Gram matrices
-// by blocks of their upper triangle), everything on the small [b, b] Gram
+// too: by blocks of their upper triangle where that is faster), everything on the small [b, b] Gram
 // matrices in one fused per-row pass.
 //
 //   A = Q Q^T, n_r = ||A_r||_p, den_r = max(n_r, 1e-12), G_r = A_r / den_r
@@ -17,27 +17,23 @@
 namespace kdk {
 namespace {
 
-// A = Q Q^T [b, b]. From b = 128 up, by 2 x 2 blocks, computing only the upper
-// three (3/4 of the flops) and mirroring the off-diagonal block. With the
-// oneDNN engine (fp32, 2 threads, b*K = 2^20) this was 20% faster than one
-// GEMM at b = 256 and 512, the same at 128 and 4% slower at 64.
-Tensor gram(const Tensor& Q) {
-  const int64_t b = Q.size(0);
-  if (b < 128) return gemm(Q, Q.t());
-  const int64_t h = b / 2;
-  Tensor A = at::empty({b, b}, Q.options().memory_format(at::MemoryFormat::Contiguous));
-  const Tensor Q1 = Q.narrow(0, 0, h), Q2 = Q.narrow(0, h, b - h);
-  const Tensor A12 = gemm(Q1, Q2.t());
-  A.narrow(0, 0, h).narrow(1, 0, h).copy_(gemm(Q1, Q1.t()));
-  A.narrow(0, 0, h).narrow(1, h, b - h).copy_(A12);
-  A.narrow(0, h, b - h).narrow(1, h, b - h).copy_(gemm(Q2, Q2.t()));
-  A.narrow(0, h, b - h).narrow(1, 0, h).copy_(A12.t());
-  return A;
+// dA + dA^T, in place (dA [b, b] contiguous).
+template <typename T>
+void symmetrize(T* dA, int64_t b) {
+  for (int64_t i = 0; i < b; ++i) {
+    dA[i * b + i] *= 2;
+    for (int64_t j = i + 1; j < b; ++j) dA[i * b + j] = dA[j * b + i] = dA[i * b + j] + dA[j * b + i];
+  }
 }
 
-// grad of one side: (dA + dA^T) Q, allocated like the input q.
-Tensor side_grad(const Tensor& dA, const Tensor& Q, const Tensor& q) {
-  Tensor g = gemm(dA + dA.t(), Q);
+// grad of one side: (dA + dA^T) Q, allocated like the input q; dA is overwritten.
+Tensor side_grad(Tensor& dA, const Tensor& Q, const Tensor& q) {
+  if (dA.scalar_type() == at::kDouble) {
+    symmetrize(dA.mutable_data_ptr<double>(), dA.size(0));
+  } else {
+    symmetrize(dA.mutable_data_ptr<float>(), dA.size(0));
+  }
+  Tensor g = gemm(dA, Q);
   if (g.strides() == q.strides() && g.scalar_type() == q.scalar_type()) return g;
   Tensor out = at::empty_like(q);
   out.copy_(g);

@@ -114,7 +114,7 @@ class SPLossFunction(torch.autograd.Function):
         if not ctx.fused:
             return _reference_forward(ctx, reference.sp_loss, (f_s, f_t), p=float(p), reduction=reduction)
         ctx.shapes = (f_s.shape, f_t.shape)
-        inputs = (f_s.reshape(f_s.shape[0], -1), f_t.reshape(f_t.shape[0], -1), float(p), reduction, backend,
+        inputs = (F._as_rows(f_s), F._as_rows(f_t), float(p), reduction, backend,
                   *ctx.needs_input_grad[:2])
         return _ops.forward_with_ctx(ctx, _ops.sp_fwd, *inputs)[0]
 

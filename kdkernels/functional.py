@@ -278,12 +278,17 @@ def sp_loss(f_s: Union[Tensor, Sequence[Tensor]], f_t: Union[Tensor, Sequence[Te
     return _sp_local(pairs_s, pairs_t, p, reduction, backend)
 
 
+def _as_rows(x: Tensor) -> Tensor:
+    """[b, ...] -> [b, K] (a 2-D input as it is: no view, no view node in the graph)."""
+    return x if x.dim() == 2 else x.reshape(x.shape[0], -1)
+
+
 def _sp_local(pairs_s: List[Tensor], pairs_t: List[Tensor], p: float, reduction: str, backend: str) -> Tensor:
     if backend == "reference":
         return reference.sp_loss(pairs_s, pairs_t, p=p, reduction=reduction)
     total = None
     for a, b in zip(pairs_s, pairs_t):
-        q_s, q_t = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+        q_s, q_t = _as_rows(a), _as_rows(b)
         loss = _ops.run(_ops.sp_fwd, q_s, q_t, p, reduction, backend, _wants_grad(a), _wants_grad(b))[0]
         total = loss if total is None else total + loss
     return total

@@ -188,6 +188,7 @@ void lsh_rows(Dtype dtype, const void* fs, const void* ft, const void* w, void* 
               void* go_t, int64_t ot_row, int64_t B, int64_t D);
 void sp_rows(Dtype acc, const void* as, const void* at, const void* w, int64_t b, bool l1, void* rows, void* das,
              void* dat);
+void gram(Dtype acc, const void* q, int64_t ld, int64_t b, int64_t K, void* A);
 
 }  // namespace CPU_CAPABILITY
 }  // namespace kdk

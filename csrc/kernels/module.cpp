@@ -8,7 +8,7 @@ namespace kdk {
 inline namespace CPU_CAPABILITY {
 #define KDK_STR2(x) #x
 #define KDK_STR(x) KDK_STR2(x)
-const KernelTable kTable = {KDK_STR(CPU_CAPABILITY), &ofd, &nd, &lsh_chunk, &lsh_rows, &sp_rows};
+const KernelTable kTable = {KDK_STR(CPU_CAPABILITY), &ofd, &nd, &lsh_chunk, &lsh_rows, &sp_rows, &gram};
 }  // namespace CPU_CAPABILITY
 }  // namespace kdk
 
