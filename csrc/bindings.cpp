@@ -21,10 +21,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The ISA level of the installed kernel module: 'DEFAULT', 'AVX2' or 'AVX512'");
   m.def("gemm", &kdk::gemm, "a @ b through the kernels' GEMM engine (the benchmark's same-engine floor)");
   m.def("gram", &kdk::gram, "Q @ Q^T as SP computes it (per shape the faster of the triangle kernel and one GEMM)");
-  m.def("_gram_kernel", [](const at::Tensor& q) {
-    at::Tensor A = at::empty({q.size(0), q.size(0)}, q.options());
-    kdk::kernels().gram(kdk::kernel_dtype(q.scalar_type()), q.const_data_ptr(), q.stride(0), q.size(0), q.size(1), A.mutable_data_ptr());
-    return A;
-  });
+  m.def("_gram_kernel", &kdk::gram_kernel, "Q @ Q^T by the installed kernel module's triangle kernel alone (tests)");
   m.def("sp_forward", &kdk::sp_forward, "SP: per-row loss and row-weighted gradients of one layer pair");
 }

@@ -196,15 +196,6 @@ const OneDnn* onednn_for(const Tensor& a, const Tensor& b, const Tensor* c) {
   return use ? &o : nullptr;
 }
 
-// Q Q^T by the kernel module's triangle kernel (csrc/kernels/gram.cpp).
-Tensor gram_kernel(const Tensor& Q) {
-  const Tensor q = unit_inner_stride(Q);
-  Tensor A = at::empty({Q.size(0), Q.size(0)}, Q.options().memory_format(at::MemoryFormat::Contiguous));
-  kernels().gram(kernel_dtype(Q.scalar_type()), q.const_data_ptr(), q.stride(0), Q.size(0), Q.size(1),
-                 A.mutable_data_ptr());
-  return A;
-}
-
 }  // namespace
 
 const char* gemm_engine() { return engine().name.c_str(); }
@@ -231,6 +222,16 @@ Tensor gemm_add(const Tensor& c, const Tensor& a, const Tensor& b) {
   if (const OneDnn* o = onednn_for(a, b, &c)) return onednn_addmm(*o, c, a, b);
   Tensor out = c;
   return out.addmm_(a, b);
+}
+
+Tensor gram_kernel(const Tensor& Q) {
+  TORCH_CHECK(Q.dim() == 2 && (Q.scalar_type() == at::kFloat || Q.scalar_type() == at::kDouble),
+              "kdkernels gram: Q must be a float32 or float64 [b, K] tensor");
+  const Tensor q = unit_inner_stride(Q);
+  Tensor A = at::empty({Q.size(0), Q.size(0)}, Q.options().memory_format(at::MemoryFormat::Contiguous));
+  kernels().gram(kernel_dtype(Q.scalar_type()), q.const_data_ptr(), q.stride(0), Q.size(0), Q.size(1),
+                 A.mutable_data_ptr());
+  return A;
 }
 
 Tensor gram(const Tensor& Q) {

@@ -94,6 +94,7 @@ Tensor gemm_add(const Tensor& c, const Tensor& a, const Tensor& b);  // c + a @ 
 // A = Q Q^T [b, b] for Q [b, K] (float or double): one GEMM, or where that was
 // faster for this shape, the kernel module's triangle kernel (half the flops).
 Tensor gram(const Tensor& Q);
+Tensor gram_kernel(const Tensor& Q);  // the triangle kernel alone (float or double Q)
 // The faster of two equivalent ways to compute something, per (kind, key),
 // timed on the key's first call (gemm.cpp) and fixed for the process; the
 // choices and their times are listed by gemm_engine_reason().

@@ -2,7 +2,8 @@
 // of N, never held as [B, N].
 //
 // Per chunk of nc hash functions (W_c = weight[n0:n0+nc], [nc, D]):
-//   [H_s; H_t] = [f_s; f_t] @ W_c^T             (one GEMM, [2B, nc]; H_s alone with codes)
+//   [H_s; H_t] = [f_s; f_t] @ W_c^T             (one GEMM of [2B, D] or two of [B, D],
+//                                                as was faster; H_s alone with codes)
 //   fused pass per row (bias added here):
 //     y = h_t > 0 (NaN h_t -> NaN y), or bit j of the packed teacher codes
 //     bce = (1 - y) h_s - min(h_s, 0) + log1p(exp(-|h_s|))  (row sums in double)
@@ -13,6 +14,8 @@
 // grad_t comes from the MSE term only (y is piecewise constant in f_t and the
 // reference detaches it, NaN included).
 // The fused passes are csrc/kernels/lsh.cpp (one build per ISA level).
+#include <ATen/Parallel.h>
+
 #include "kdkernels.h"
 
 #include <algorithm>
@@ -30,6 +33,13 @@ int64_t chunk_columns(int64_t R, int64_t N, int64_t elem_size) {
   nc = std::max<int64_t>(256, std::min<int64_t>(nc, 8192)) / 64 * 64;
   return std::min(nc, N);
 }
+
+std::string stacked_key(const ShapeKey& k) {
+  return "lsh projection [" + std::to_string(k[0]) + "," + std::to_string(k[1]) + "] x " + std::to_string(k[2]) +
+         " columns" + (k[3] == 8 ? " f64" : "") + " @" + std::to_string(k[4]) + "t";
+}
+// key: B, D, chunk columns, element size, threads
+const TimedChoice kStackedProjection{"lsh stacked", "stacked", "two GEMMs", stacked_key};
 
 }  // namespace
 
@@ -50,12 +60,8 @@ TensorTriple lsh_forward(const Tensor& f_s, const c10::optional<Tensor>& f_t_opt
   const bool use_mse = has_ft && mse_weight != 0.0;
   need_grad_t = need_grad_t && has_ft;
 
-  // Without codes, student and teacher rows are stacked as one [2B, D] operand:
-  // both logit blocks of a chunk come from one GEMM, which streams W_c once
-  // (faster than two GEMMs of B rows; the copy is only [2B, D]).
-  const Tensor X = use_codes ? Tensor() : at::cat({f_s.to(acc_type), f_t_opt->to(acc_type)});
-  const Tensor Fs = use_codes ? contiguous_as(f_s, acc_type) : X.narrow(0, 0, B);
-  const Tensor Ft = use_codes ? (has_ft ? contiguous_as(*f_t_opt, acc_type) : Tensor()) : X.narrow(0, B, B);
+  const Tensor Fs = contiguous_as(f_s, acc_type);
+  const Tensor Ft = has_ft ? contiguous_as(*f_t_opt, acc_type) : Tensor();
   const Tensor W = contiguous_as(weight, acc_type);
   const Tensor bias = has_bias ? contiguous_as(*bias_opt, acc_type) : Tensor();
   const Tensor codes = use_codes ? codes_opt->contiguous() : Tensor();
@@ -80,12 +86,29 @@ TensorTriple lsh_forward(const Tensor& f_s, const c10::optional<Tensor>& f_t_opt
     const Dtype acc = kernel_dtype(acc_type);
     const uint8_t* cp = use_codes ? codes.const_data_ptr<uint8_t>() : nullptr;
     const int64_t code_row = use_codes ? codes.stride(0) : 0;
+    // Without codes, both logit blocks of a chunk come from one GEMM of the
+    // stacked [f_s; f_t] ([2B, D], copied once), which streams W_c once, or
+    // from two GEMMs of B rows, whichever was faster for this shape.
+    const Tensor W0 = W.narrow(0, 0, nc_max).t();
+    const bool stack = !use_codes && timed_choice(
+        kStackedProjection, ShapeKey{B, D, nc_max, static_cast<int64_t>(Fs.element_size()), at::get_num_threads(), 0, 0},
+        [&] { gemm(at::cat({Fs, Ft}), W0); }, [&] {
+          gemm(Fs, W0);
+          gemm(Ft, W0);
+        });
+    const Tensor X = stack ? at::cat({Fs, Ft}) : Tensor();
     for (int64_t n0 = 0; n0 < N; n0 += nc_max) {
       const int64_t nc = std::min(nc_max, N - n0);
       const Tensor Wc = W.narrow(0, n0, nc);  // [nc, D]
-      const Tensor H = gemm(use_codes ? Fs : X, Wc.t());  // [R, nc], contiguous: H_s, then H_t
-      Tensor Hs = H.narrow(0, 0, B);
-      const Tensor Ht = use_codes ? Tensor() : H.narrow(0, B, B);
+      Tensor Hs, Ht;  // [B, nc] each, contiguous rows
+      if (stack) {
+        const Tensor H = gemm(X, Wc.t());
+        Hs = H.narrow(0, 0, B);
+        Ht = H.narrow(0, B, B);
+      } else {
+        Hs = gemm(Fs, Wc.t());
+        if (!use_codes) Ht = gemm(Ft, Wc.t());
+      }
       kernels().lsh_chunk(acc, use_codes, need_grad_s, Hs.mutable_data_ptr(),
                           use_codes ? nullptr : Ht.const_data_ptr(), B, nc, cp, code_row, n0,
                           has_bias ? bias.narrow(0, n0, nc).const_data_ptr() : nullptr, w.const_data_ptr(), inv_n,

@@ -130,17 +130,22 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_BACKEND_MODULES: Dict[str, object] = {}
+
+
 def backend_impl(backend: str):
     """The module holding the kernels of a fused backend."""
+    impl = _BACKEND_MODULES.get(backend)
+    if impl is not None:
+        return impl
     if backend == "cpu":
-        from . import _cpu
-
-        return _cpu
-    if backend == "triton":
-        from . import triton as triton_backend
-
-        return triton_backend
-    raise ValueError(f"backend: no fused kernels for {backend!r}")
+        from . import _cpu as impl
+    elif backend == "triton":
+        from . import triton as impl
+    else:
+        raise ValueError(f"backend: no fused kernels for {backend!r}")
+    _BACKEND_MODULES[backend] = impl
+    return impl
 
 
 def _none_like(x: Tensor) -> Tensor:
@@ -172,10 +177,28 @@ def _scale_saved(ctx, grads, grad_output: Tensor):
     return tuple(g * grad_output if g.numel() else None for g in grads)
 
 
+_UNIFORM_WEIGHTS: Dict[tuple, Tensor] = {}  # (batch, scale, dtype, device) -> [batch] filled with scale
+_UNIFORM_WEIGHTS_SIZE = 32
+
+
+def _uniform_weight(batch: int, scale: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A [batch] tensor of ``scale``, cached: a fresh one costs 50-100 us right after a
+    large GEMM has flushed the caches (every small op does), a dict hit a few. The
+    kernels never write their inputs, so the cached tensor stays as made."""
+    key = (batch, scale, dtype, device)
+    w = _UNIFORM_WEIGHTS.get(key)
+    if w is None:
+        with torch.inference_mode(False):  # an ordinary tensor even when first made under inference_mode
+            w = torch.full((batch,), scale, dtype=dtype, device=device)
+        if len(_UNIFORM_WEIGHTS) >= _UNIFORM_WEIGHTS_SIZE:
+            _UNIFORM_WEIGHTS.pop(next(iter(_UNIFORM_WEIGHTS)))
+        _UNIFORM_WEIGHTS[key] = w
+    return w
+
+
 def _row_weight_for(reduction: str, batch: int, like: Tensor, mask: Optional[Tensor] = None,
                     batchmean_div: Optional[float] = None) -> Tensor:
-    """[B] weights that turn per-row losses into the reduced loss (one op when unmasked:
-    small ops cost 20-40 us each right after a large GEMM has flushed the caches)."""
+    """[B] weights that turn per-row losses into the reduced loss."""
     dtype = compute_dtype(like.dtype)
     if mask is None:
         scale = 1.0
@@ -183,7 +206,7 @@ def _row_weight_for(reduction: str, batch: int, like: Tensor, mask: Optional[Ten
             scale = 1.0 / batch
         elif reduction == "batchmean":
             scale = 1.0 / batchmean_div
-        return torch.full((batch,), scale, dtype=dtype, device=like.device)
+        return _uniform_weight(batch, scale, dtype, like.device)
     w = mask.to(dtype).contiguous()
     if reduction == "mean":
         total = w.sum()
@@ -193,9 +216,10 @@ def _row_weight_for(reduction: str, batch: int, like: Tensor, mask: Optional[Ten
     return w
 
 
-def _reduced(rows: Tensor, row_weight: Tensor, reduction: str) -> Tensor:
-    """The loss from the per-row losses: ``rows`` for 'none', else sum_i w_i rows_i."""
-    return rows if reduction == "none" else torch.dot(rows, row_weight)
+def _reduced(rows: Tensor, row_weight: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
+    """The loss in ``dtype`` from the per-row losses: ``rows`` for 'none', else sum_i w_i rows_i."""
+    loss = rows if reduction == "none" else torch.dot(rows, row_weight)
+    return loss if loss.dtype == dtype else loss.to(dtype)
 
 
 # =========================================================================== OFD
@@ -287,7 +311,7 @@ def nd_fwd(s: Tensor, t: Tensor, centers: Tensor, labels: Tensor, eps: float, re
     w = _row_weight_for(reduction, s.shape[0], s)
     rows, grad_s, grad_t = backend_impl(backend).nd_forward(
         s, t, centers, labels, w, eps, need_grad_s and grads, need_grad_t and grads)
-    return _reduced(rows, w, reduction).to(s.dtype), grad_s, grad_t
+    return _reduced(rows, w, reduction, s.dtype), grad_s, grad_t
 
 
 @nd_fwd.register_fake
@@ -337,12 +361,10 @@ def lsh_fwd(f_s: Tensor, f_t: Optional[Tensor], weight: Tensor, bias: Optional[T
     w = _row_weight_for(reduction, f_s.shape[0], f_s, sample_mask)
     rows, grad_s, grad_t = backend_impl(backend).lsh_forward(
         f_s, f_t, weight, bias, teacher_codes, mse_weight, w, need_grad_s and grads, need_grad_t and grads)
-    if reduction == "none":
-        loss = rows if sample_mask is None else rows * sample_mask.to(rows.dtype)
-    else:
-        loss = _reduced(rows, w, reduction)
+    if reduction == "none" and sample_mask is not None:
+        rows = rows * sample_mask.to(rows.dtype)
     empty_t = f_s.new_empty(0) if f_t is None else grad_t
-    return loss.to(f_s.dtype), grad_s, empty_t
+    return _reduced(rows, w, reduction, f_s.dtype), grad_s, empty_t
 
 
 @lsh_fwd.register_fake
@@ -401,7 +423,7 @@ def sp_fwd(q_s: Tensor, q_t: Tensor, p: float, reduction: str, backend: str,
     grads = reduction != "none"
     w = _row_weight_for(reduction, b, q_s, batchmean_div=float(b * b))
     rows, grad_s, grad_t = backend_impl(backend).sp_forward(q_s, q_t, p, w, need_grad_s and grads, need_grad_t and grads)
-    return _reduced(rows, w, reduction).to(q_s.dtype), grad_s, grad_t
+    return _reduced(rows, w, reduction, q_s.dtype), grad_s, grad_t
 
 
 @sp_fwd.register_fake

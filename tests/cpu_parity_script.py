@@ -6,7 +6,8 @@ the README's qemu check runs it with --tiny):
 
 Every loss, forward and gradients, float64 / float32 / bfloat16, sizes around
 the vector widths (tails), NaN inputs, OFD channels_last, LSH teacher codes and
-bias, SP p=1 and p=2 across the Gram blocking threshold. Prints one line per
+bias, SP p=1 and p=2, and SP's triangle Gram kernel alone (it may lose the timed
+choice to one GEMM inside the loss). Prints one line per
 check and "ok <isa> <gemm engine>" at the end; exits non-zero on a mismatch.
 """
 import argparse
@@ -80,6 +81,13 @@ def main():
                 codes = F.lsh_codes(ft, w, bias)
                 check(f"lsh[{B},{D},{N}] codes", F.lsh_loss, [fs, None, w, bias], diff=(0,), teacher_codes=codes,
                       mse_weight=0.0)
+    for dt in (torch.float32, torch.float64):  # the triangle kernel: row blocks and K chunks with tails
+        for b, K in ([(5, 37)] if a.tiny else [(5, 37), (14, 1100), (3, 2100)]):
+            q = r(b, K, dt=dt)
+            got, want = _cpu._C._gram_kernel(q), (q.double() @ q.double().t()).to(dt)
+            torch.testing.assert_close(got, want, rtol=1e-5 if dt == torch.float32 else 1e-12,
+                                       atol=1e-4 if dt == torch.float32 else 1e-11, msg=lambda m: f"gram {dt}: {m}")
+            print("pass", f"gram[{b},{K}]", str(dt).replace("torch.", ""), flush=True)
     print("ok", _cpu.CAPABILITY, _cpu._C.gemm_engine())
 
 

@@ -108,3 +108,52 @@ def test_forced_engine_in_a_subprocess(engine):
 def test_bad_engine_name_is_refused():
     res = run_forced("mkl", "aten")
     assert res.returncode != 0 and "KDKERNELS_GEMM must be 'aten' or 'onednn'" in res.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("b,k", [(1, 1), (3, 17), (5, 1000), (7, 2500), (64, 16), (13, 4097), (37, 300)])
+@pytest.mark.parametrize("layout", ["contiguous", "row_strided", "column_strided"])
+def test_gram_kernel_matches_mm(dtype, b, k, layout):
+    """The SP triangle kernel (csrc/kernels/gram.cpp) of the installed ISA level:
+    row counts that are not a multiple of its block (3 or 4 rows), K not a multiple
+    of the vector width and longer than one chunk (1024 floats / 512 doubles), rows
+    with a stride, a transposed-like Q (copied first); the result is exactly symmetric."""
+    g = torch.Generator().manual_seed(b * 100 + k)
+    q = torch.randn(b, k, generator=g, dtype=dtype)
+    if layout == "row_strided":
+        q = torch.randn(b, k + 9, generator=g, dtype=dtype)[:, 3:k + 3]
+    elif layout == "column_strided":
+        q = torch.randn(k, b, generator=g, dtype=dtype).t()
+    got = _cpu._C._gram_kernel(q)
+    assert got.shape == (b, b) and got.is_contiguous() and got.dtype == dtype
+    assert torch.equal(got, got.t())
+    ref = (q.double() @ q.double().t()).to(dtype)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=2e-5 * k ** 0.5)
+    torch.testing.assert_close(got, ref, **tol)
+    torch.testing.assert_close(_cpu._C.gram(q), ref, **tol)  # whichever way the timed choice took
+
+
+def test_gram_kernel_propagates_nan_and_refuses_half():
+    q = torch.randn(9, 70)
+    q[4, 33] = float("nan")
+    got = _cpu._C._gram_kernel(q)
+    nan_rows = torch.isnan(got).any(dim=1)
+    assert nan_rows.tolist() == [True] * 9  # row 4's NaN reaches every product with row 4
+    assert torch.isnan(got[4]).all() and torch.isnan(got[:, 4]).all()
+    assert not torch.isnan(got[[0, 1, 2, 3, 5, 6, 7, 8]][:, [0, 1, 2, 3, 5, 6, 7, 8]]).any()
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        _cpu._C._gram_kernel(torch.randn(4, 8).half())
+
+
+def test_timed_choices_are_listed():
+    """The Gram and LSH projection choices appear with their times in the engine's reason."""
+    import kdkernels.functional as F
+
+    g = torch.Generator().manual_seed(5)
+    F.sp_loss(torch.randn(70, 130, generator=g), torch.randn(70, 90, generator=g), backend="cpu")
+    F.lsh_loss(torch.randn(21, 40, generator=g), torch.randn(21, 40, generator=g), torch.randn(300, 40, generator=g),
+               backend="cpu")
+    reason = _cpu._C.gemm_engine_reason()
+    assert "gram 70x130 @" in reason and "gram 70x90 @" in reason
+    assert "lsh projection [21,40] x 300 columns @" in reason
+    assert ("triangle kernel (" in reason or "one GEMM (" in reason) and " ms)" in reason
