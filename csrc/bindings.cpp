@@ -22,5 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &kdk::gemm, "a @ b through the kernels' GEMM engine (the benchmark's same-engine floor)");
   m.def("gram", &kdk::gram, "Q @ Q^T as SP computes it (per shape the faster of the triangle kernel and one GEMM)");
   m.def("_gram_kernel", &kdk::gram_kernel, "Q @ Q^T by the installed kernel module's triangle kernel alone (tests)");
+  m.def("attach_scaled_grads", &kdk::attach_scaled_grads,
+        "Give a reduced loss a backward that scales the gradients its forward computed (kdkernels/_ops.py, run)");
   m.def("sp_forward", &kdk::sp_forward, "SP: per-row loss and row-weighted gradients of one layer pair");
 }

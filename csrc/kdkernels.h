@@ -12,6 +12,8 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <optional>
+#include <vector>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -123,6 +125,10 @@ TensorTriple nd_forward(const Tensor& s, const Tensor& t, const Tensor& centers,
 TensorTriple lsh_forward(const Tensor& f_s, const c10::optional<Tensor>& f_t, const Tensor& weight,
                          const c10::optional<Tensor>& bias, const c10::optional<Tensor>& teacher_codes,
                          double mse_weight, const Tensor& row_weight, bool need_grad_s, bool need_grad_t);
+// The autograd node of an eager reduced loss (autograd.cpp): `loss` (no history)
+// gets a backward that returns grads[i] * upstream for inputs[i] (grads for a
+// unit upstream gradient; numel 0: none); an input may be None.
+Tensor attach_scaled_grads(Tensor loss, const std::vector<std::optional<Tensor>>& inputs, std::vector<Tensor> grads);
 // SP (sp.cpp)
 TensorTriple sp_forward(const Tensor& q_s, const Tensor& q_t, double p, const Tensor& row_weight,
                         bool need_grad_s, bool need_grad_t);

@@ -89,5 +89,11 @@ def lsh_forward(f_s, f_t, weight, bias, teacher_codes, mse_weight, row_weight, n
                                           need_grad_s, need_grad_t))
 
 
+def attach_scaled_grads(loss, inputs, grads):
+    """``loss`` (no history) with a backward giving ``grads[i] * upstream`` to ``inputs[i]``
+    (see kdkernels._ops.run); inputs may be None (f_t of LSH with codes)."""
+    return _extension().attach_scaled_grads(loss, inputs, grads)
+
+
 def sp_forward(q_s, q_t, p, row_weight, need_grad_s, need_grad_t):
     return tuple(_extension().sp_forward(q_s, q_t, p, row_weight, need_grad_s, need_grad_t))
