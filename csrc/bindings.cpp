@@ -6,11 +6,14 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kdkernels fused CPU kernels";
-  m.def("ofd_forward", &kdk::ofd_forward, "OFD: loss sum and scaled gradients in one pass");
-  m.def("ofd_none", &kdk::ofd_none, "OFD: elementwise loss (reduction='none')");
-  m.def("ofd_backward", &kdk::ofd_backward, "OFD: gradients for an elementwise upstream gradient");
-  m.def("nd_forward", &kdk::nd_forward, "ND: per-row loss and row-weighted gradients");
-  m.def("lsh_forward", &kdk::lsh_forward, "LSH: per-row loss and row-weighted gradients");
+  // The kernels' results carry no autograd history whatever the caller's grad
+  // mode (kdkernels/_ops.py attaches the backward itself).
+  using NoGrad = py::call_guard<at::NoGradGuard>;
+  m.def("ofd_forward", &kdk::ofd_forward, NoGrad(), "OFD: loss sum and scaled gradients in one pass");
+  m.def("ofd_none", &kdk::ofd_none, NoGrad(), "OFD: elementwise loss (reduction='none')");
+  m.def("ofd_backward", &kdk::ofd_backward, NoGrad(), "OFD: gradients for an elementwise upstream gradient");
+  m.def("nd_forward", &kdk::nd_forward, NoGrad(), "ND: per-row loss and row-weighted gradients");
+  m.def("lsh_forward", &kdk::lsh_forward, NoGrad(), "LSH: per-row loss and row-weighted gradients");
   m.def("gemm_engine", &kdk::gemm_engine, "The engine of the LSH and SP float32 GEMMs: 'per-shape' (the faster per call shape), or 'onednn' / 'aten'");
   m.def("gemm_engine_reason", &kdk::gemm_engine_reason, "Why that engine (forced, or each call shape's choice and times so far)");
   m.def("_install_kernels", [](const py::object& table) {
@@ -24,5 +27,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_gram_kernel", &kdk::gram_kernel, "Q @ Q^T by the installed kernel module's triangle kernel alone (tests)");
   m.def("attach_scaled_grads", &kdk::attach_scaled_grads,
         "Give a reduced loss a backward that scales the gradients its forward computed (kdkernels/_ops.py, run)");
-  m.def("sp_forward", &kdk::sp_forward, "SP: per-row loss and row-weighted gradients of one layer pair");
+  m.def("sp_forward", &kdk::sp_forward, NoGrad(), "SP: per-row loss and row-weighted gradients of one layer pair");
 }

@@ -47,6 +47,7 @@ import torch
 
 LOSSES = ("ofd", "nd", "sp", "lsh")
 IMPLS = ("kdkernels", "eager", "compile", "floor", "engine_floor")
+LOSS_IMPLS = ("kdkernels", "eager", "compile")  # the ones that compute the loss (their results are compared)
 MEMORY_IMPLS = ("kdkernels", "eager", "compile", "floor")
 NOT_APPLICABLE = "n/a"
 NOT_IMPLEMENTED = "not implemented"
@@ -224,9 +225,22 @@ def make_step(impl: str, case: Case, device: str, compiled: Optional[Callable] =
         raise ValueError(f"impl: expected one of {list(IMPLS)}, got {impl!r}")
 
     def step(x):
-        fn(x).backward()
+        loss = fn(x)
+        loss.backward()
+        return loss.detach()
 
     return step
+
+
+def _mismatch(got: Optional[tuple], want: Optional[tuple]) -> Optional[str]:
+    """Why a first call's (loss, grads) differ from eager's (None: they match or one is missing)."""
+    if got is None or want is None:
+        return None
+    for what, a, b in [("loss", got[0], want[0])] + [("gradient", a, b) for a, b in zip(got[1], want[1])]:
+        if not torch.allclose(a.double(), b.double(), rtol=1e-3, atol=1e-5 * max(1.0, float(b.abs().max())),
+                              equal_nan=True):
+            return f"its {what} differs from eager's (max abs diff {float((a.double() - b.double()).abs().max()):.3g})"
+    return None
 
 
 def zero_grads(inputs: dict) -> None:
@@ -253,6 +267,7 @@ def time_case(case: Case, device: str, repeats: int, warmup: int, impls: Sequenc
     inputs = make_inputs(case, device)
     out: Dict[str, dict] = {}
     steps: Dict[str, Callable] = {}
+    first_values: Dict[str, tuple] = {}  # impl -> (loss, grads) of its first call
     for impl in impls:
         entry = {"ms": None, "status": "ok"}
         if not applies(impl, case, device):
@@ -263,17 +278,24 @@ def time_case(case: Case, device: str, repeats: int, warmup: int, impls: Sequenc
             zero_grads(inputs)
             _sync(device)
             t0 = time.perf_counter()
-            step(inputs)  # first call: JIT / compile / lazy init
+            value = step(inputs)  # first call: JIT / compile / lazy init
             _sync(device)
             first = time.perf_counter() - t0
             if impl == "compile":
                 entry["compile_s"] = first
+            if impl in LOSS_IMPLS:
+                first_values[impl] = (value, [x.grad.clone() for x in grad_inputs(inputs)])
             steps[impl] = step
         except Exception as exc:  # noqa: BLE001 - record, never crash the run
             entry.update(status=_error_text(exc))
             if not isinstance(exc, NotImplementedError) and os.environ.get("KDKERNELS_BENCH_DEBUG"):
                 traceback.print_exc()
         out[impl] = entry
+    for impl in ("kdkernels", "compile"):  # a time only for a result that matches eager's
+        why = _mismatch(first_values.get(impl), first_values.get("eager"))
+        if why is not None:
+            out[impl]["status"] = f"error: {why}"
+            steps.pop(impl, None)
     if device == "cuda":
         import triton.testing
 

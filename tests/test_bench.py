@@ -152,3 +152,14 @@ def test_gemm_floor_is_the_fastest_engines():
     res = {"time": {"kdkernels": {"ms": 3.3}, "floor": {"ms": 4.0}, "engine_floor": {"ms": 3.0}}}
     [floor_target] = [t for t in bench.evaluate_targets(case, res) if t["kind"] == "floor_ratio"]
     assert abs(floor_target["value"] - 1.1) < 1e-9 and floor_target["status"] == "met"
+
+
+def test_a_result_that_differs_from_eager_gets_no_time():
+    """An implementation whose first loss or gradient differs from eager's is reported as an
+    error, not timed (torch.compile under ATEN_CPU_CAPABILITY=avx2 computed wrong OFD and SP
+    losses on an AVX-512 machine with torch 2.13)."""
+    loss, grads = torch.tensor(2.0), [torch.ones(3)]
+    assert bench._mismatch((loss, grads), (loss.clone(), [g.clone() for g in grads])) is None
+    assert bench._mismatch(None, (loss, grads)) is None
+    assert "loss differs" in bench._mismatch((torch.tensor(0.0), grads), (loss, grads))
+    assert "gradient differs" in bench._mismatch((loss, [torch.zeros(3)]), (loss, grads))
