@@ -234,7 +234,12 @@ Tensor gram_kernel(const Tensor& Q) {
   return A;
 }
 
+// Rows up to which the triangle kernel competes: its between-chunk buffer holds
+// R*R vectors per block pair, about b^2 * 32 bytes (2 MiB at 256 rows).
+constexpr int64_t kGramKernelMaxRows = 256;
+
 Tensor gram(const Tensor& Q) {
+  if (Q.size(0) > kGramKernelMaxRows) return gemm(Q, Q.t());
   const ShapeKey key = {Q.size(0), Q.size(1), static_cast<int64_t>(Q.element_size()), at::get_num_threads(), 0, 0, 0};
   const bool kernel = Q.numel() > 0 && timed_choice(kGramKernel, key, [&] { gram_kernel(Q); }, [&] { gemm(Q, Q.t()); });
   return kernel ? gram_kernel(Q) : gemm(Q, Q.t());

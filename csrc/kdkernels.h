@@ -93,8 +93,8 @@ Dtype kernel_dtype(at::ScalarType t);  // float, double, float16 or bfloat16
 // may accumulate into c in place.
 Tensor gemm(const Tensor& a, const Tensor& b);                      // a @ b
 Tensor gemm_add(const Tensor& c, const Tensor& a, const Tensor& b);  // c + a @ b
-// A = Q Q^T [b, b] for Q [b, K] (float or double): one GEMM, or where that was
-// faster for this shape, the kernel module's triangle kernel (half the flops).
+// A = Q Q^T [b, b] for Q [b, K] (float or double): one GEMM, or for b <= 256 where
+// that was faster for this shape, the kernel module's triangle kernel (half the flops).
 Tensor gram(const Tensor& Q);
 Tensor gram_kernel(const Tensor& Q);  // the triangle kernel alone (float or double Q)
 // The faster of two equivalent ways to compute something, per (kind, key),

@@ -157,3 +157,11 @@ def test_timed_choices_are_listed():
     assert "gram 70x130 @" in reason and "gram 70x90 @" in reason
     assert "lsh projection [21,40] x 300 columns @" in reason
     assert ("triangle kernel (" in reason or "one GEMM (" in reason) and " ms)" in reason
+
+
+def test_gram_above_the_kernel_bound_is_one_gemm():
+    """From 257 rows on the triangle kernel's per-pair buffer would grow with b^2:
+    one GEMM, untimed (no choice listed)."""
+    q = torch.randn(300, 40)
+    torch.testing.assert_close(_cpu._C.gram(q), q @ q.t(), rtol=1e-5, atol=1e-4)
+    assert "gram 300x40" not in _cpu._C.gemm_engine_reason()
