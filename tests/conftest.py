@@ -8,14 +8,9 @@ os.environ.pop("KDKERNELS_BACKEND", None)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-if os.environ.get("ATEN_CPU_CAPABILITY") == "avx2":
-    # torch 2.13's inductor, on an AVX-512 + AMX CPU (Intel Xeon model 207) with
-    # ATEN_CPU_CAPABILITY=avx2, emits 512-bit loops over at::vec's 256-bit vectors:
-    # half of each step is never written (a compiled step returned NaN). Pinning the
-    # vector width to AVX2's keeps torch.compile tests meaningful at that level.
-    import torch._inductor.config
+from kdkernels.bench import pin_inductor_vector_width  # noqa: E402
 
-    torch._inductor.config.cpp.simdlen = 256
+pin_inductor_vector_width()  # torch.compile tests stay meaningful under ATEN_CPU_CAPABILITY=avx2
 
 
 def _triton_importable() -> bool:

@@ -158,8 +158,10 @@ def test_a_result_that_differs_from_eager_gets_no_time():
     """An implementation whose first loss or gradient differs from eager's is reported as an
     error, not timed (torch.compile under ATEN_CPU_CAPABILITY=avx2 computed wrong OFD and SP
     losses on an AVX-512 machine with torch 2.13)."""
-    loss, grads = torch.tensor(2.0), [torch.ones(3)]
-    assert bench._mismatch((loss, grads), (loss.clone(), [g.clone() for g in grads])) is None
+    g = torch.randn(1000)
+    loss, grads = torch.tensor(2.0), [bench._fingerprint(g)]
+    assert bench._mismatch((loss, [bench._fingerprint(g * (1 + 1e-6))]), (loss.clone(), grads)) is None
     assert bench._mismatch(None, (loss, grads)) is None
     assert "loss differs" in bench._mismatch((torch.tensor(0.0), grads), (loss, grads))
-    assert "gradient differs" in bench._mismatch((loss, [torch.zeros(3)]), (loss, grads))
+    assert "gradient differs" in bench._mismatch((loss, [bench._fingerprint(torch.zeros(1000))]), (loss, grads))
+    assert "gradient differs" in bench._mismatch((loss, [bench._fingerprint(g.flip(0))]), (loss, grads))
