@@ -147,6 +147,11 @@ def scale_warps(warps32: int, ws: int) -> int:
     return max(1, min(warps32, MAX_LANES // ws))
 
 
+def device_warps(warps32: int, device: torch.device) -> int:
+    """``scale_warps`` for the warp size of ``device`` (what every launcher passes as num_warps)."""
+    return scale_warps(warps32, warp_size(device))
+
+
 MAX_LANES = 1024  # threads / lanes of a program on both vendors
 
 

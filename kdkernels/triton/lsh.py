@@ -384,8 +384,8 @@ def lsh_forward(f_s, f_t, weight, bias, teacher_codes, mse_weight, row_weight, n
         chunk = chunk_rows(B, N, elem, max(pm, gm), min(pm, gm))
         n_parts = cdiv(N, pn)
         g_buf = torch.empty((chunk, N) if need_gs else (0,), dtype=f_s.dtype, device=dev)
-    ws = _utils.warp_size(dev)  # the configs count warps of 32 lanes and NVIDIA's pipeline stages
-    p_warps, g_warps = _utils.scale_warps(p_warps, ws), _utils.scale_warps(g_warps, ws)
+    # the configs count warps of 32 lanes and NVIDIA's pipeline stages
+    p_warps, g_warps = _utils.device_warps(p_warps, dev), _utils.device_warps(g_warps, dev)
     p_stages, g_stages = _utils.pipeline_stages(p_stages, dev), _utils.pipeline_stages(g_stages, dev)
     part = torch.empty((n_parts, chunk), dtype=cdtype, device=dev)
     sse = torch.empty(chunk if has_mse else 0, dtype=cdtype, device=dev)

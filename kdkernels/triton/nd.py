@@ -24,8 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import compute_tl_dtype, empty_grad, next_pow2, row_major, scalar_arg, scalar_bits, scale_warps, sqrt_rn, \
-    warp_size
+from ._utils import compute_tl_dtype, device_warps, empty_grad, next_pow2, row_major, scalar_arg, scalar_bits, sqrt_rn
 
 MAX_SINGLE_D = 4096  # widest row kept in registers in one piece
 CHUNK_D = 1024       # tile width of the two-pass path
@@ -131,7 +130,7 @@ def nd_fwd_kernel(s_ptr, t_ptr, c_ptr, lab_ptr, rw_ptr, rows_ptr, gs_ptr, gt_ptr
 
 def config(D: int):
     """Heuristic launch config for row width D -> (ROWS, BLOCK_D, SINGLE, num_warps), the
-    warps sized as 32 lanes (``scale_warps`` turns them into a device's warps)."""
+    warps sized as 32 lanes (``device_warps`` turns them into a device's warps)."""
     if D <= MAX_SINGLE_D:
         block_d = max(MIN_BLOCK_D, next_pow2(D))
         single = True
@@ -167,5 +166,5 @@ def nd_forward(s, t, centers, labels, row_weight, eps, need_grad_s, need_grad_t)
             B, D, centers.shape[0], s_.stride(0), t_.stride(0), c_.stride(0),
             gs.stride(0) if need_gs else 0, gt.stride(0) if need_gt else 0, scalar_bits(eps),
             NEED_GS=need_gs, NEED_GT=need_gt, CDTYPE=compute_tl_dtype(s.dtype),
-            ROWS=n_rows, BLOCK_D=block_d, SINGLE=single, num_warps=scale_warps(num_warps, warp_size(s.device)))
+            ROWS=n_rows, BLOCK_D=block_d, SINGLE=single, num_warps=device_warps(num_warps, s.device))
     return rows, gs, gt

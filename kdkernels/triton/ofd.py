@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import compute_tl_dtype, next_pow2, scalar_arg, scalar_bits, scale_warps, warp_size
+from ._utils import compute_tl_dtype, device_warps, next_pow2, scalar_arg, scalar_bits
 
-# 1024 elements a program, 4 warps = 8 per thread (4 a lane with AMD's 64-lane wavefronts: scale_warps), in every
+# 1024 elements a program, 4 warps = 8 per thread (4 a lane with AMD's 64-lane wavefronts: device_warps), in every
 # tile shape.
 TILE = 1024
 NUM_WARPS = 4
@@ -179,7 +179,7 @@ def _launch_fwd(s, t, margin, scale, store_d, need_gs, need_gt):
             s, t, margin, out, gs if need_gs else out, gt if need_gt else out, *shape, scalar_bits(scale),
             STORE_D=store_d, NEED_GS=need_gs, NEED_GT=need_gt, CDTYPE=compute_tl_dtype(s.dtype),
             BLOCK_O=blocks[0], BLOCK_C=blocks[1], BLOCK_I=blocks[2],
-            num_warps=scale_warps(NUM_WARPS, warp_size(s.device)))
+            num_warps=device_warps(NUM_WARPS, s.device))
     return out, _back_to(gs, s_orig), _back_to(gt, t_orig)
 
 
@@ -207,5 +207,5 @@ def ofd_backward(grad_d, s, t, margin, need_grad_s, need_grad_t):
             gd, s, t, margin, gs if need_gs else gd, gt if need_gt else gd, *shape,
             NEED_GS=need_gs, NEED_GT=need_gt, CDTYPE=compute_tl_dtype(s.dtype),
             BLOCK_O=blocks[0], BLOCK_C=blocks[1], BLOCK_I=blocks[2],
-            num_warps=scale_warps(NUM_WARPS, warp_size(s.device)))
+            num_warps=device_warps(NUM_WARPS, s.device))
     return _back_to(gs, s_orig), _back_to(gt, t_orig)

@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import arch, cdiv, compute_tl_dtype, dot_precision, empty_grad, interpreting, mma, next_pow2, row_major, \
-    pipeline_stages, scalar_arg, scalar_bits, scale_warps, sqrt_rn, target_programs, warp_size
+from ._utils import arch, cdiv, compute_tl_dtype, device_warps, dot_precision, empty_grad, interpreting, mma, next_pow2, \
+    row_major, pipeline_stages, scalar_arg, scalar_bits, sqrt_rn, target_programs
 
 SP_EPS = 1e-12
 MIN_K_PER_SPLIT = 512  # columns a Gram split / a dQ program covers at least
@@ -308,7 +308,7 @@ def rows_block_c(b: int) -> int:
 def num_warps(bm: int, dtype: torch.dtype, arch: int) -> int:
     """8 warps of 32 lanes from 64 rows, and from 32 for float32 (sm_80's 3xTF32 operands live in
     registers; on sm_90 ptxas spills 8 bytes of the 32-row single-pass TF32 Gram tile at 4 warps);
-    ``scale_warps`` turns them into a device's warps. ``arch`` is kept for the callers' symmetry."""
+    ``device_warps`` turns them into a device's warps. ``arch`` is kept for the callers' symmetry."""
     return 8 if bm >= 64 or (dtype == torch.float32 and bm >= 32) else 4
 
 
@@ -343,7 +343,7 @@ def _gram(q: torch.Tensor, cdtype: torch.dtype):
         q, a, b, K, q.stride(0), k_per_split,
         CDTYPE=compute_tl_dtype(q.dtype), DOT_PREC=dot_precision(q.dtype, q.device), INTERP=interpreting(),
         SINGLE_TILE=nt == 1, BLOCK_M=bm, BLOCK_K=bk,
-        num_warps=scale_warps(num_warps(bm, q.dtype, arch(q.device)), warp_size(q.device)),
+        num_warps=device_warps(num_warps(bm, q.dtype, arch(q.device)), q.device),
         num_stages=stages)
     return a, splits
 
@@ -359,7 +359,7 @@ def _dq(da: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> None:
         CDTYPE=compute_tl_dtype(q.dtype), DOT_PREC=dot_precision(q.dtype, q.device), INTERP=interpreting(),
         SINGLE_C=b <= max_single_c(q.dtype, arch(q.device)), BLOCK_M=bm, BLOCK_K=bk,
         BLOCK_C=bwd_block_c(b, q.dtype, arch(q.device)),
-        num_warps=scale_warps(num_warps(bm, q.dtype, arch(q.device)), warp_size(q.device)),
+        num_warps=device_warps(num_warps(bm, q.dtype, arch(q.device)), q.device),
         num_stages=stages)
 
 
@@ -385,7 +385,7 @@ def sp_forward(q_s, q_t, p, row_weight, need_grad_s, need_grad_t):
         b, splits_s, splits_t, scalar_bits(SP_EPS),
         P=int(p), NEED_GS=need_gs, NEED_GT=need_gt, CDTYPE=compute_tl_dtype(q_s.dtype),
         ROWS=ROWS_R, BLOCK_C=rows_block_c(b), SINGLE=b <= ROWS_BLOCK_C,
-        num_warps=scale_warps(ROWS_WARPS, warp_size(dev)))
+        num_warps=device_warps(ROWS_WARPS, dev))
     if need_gs and q_s.shape[1]:
         _dq(da_s, qs, gs)
     if need_gt and q_t.shape[1]:
