@@ -130,8 +130,8 @@ const Engine& engine() {
 // up (oneDNN JIT-compiles a kernel per shape, MKL sizes its buffers), then
 // times both three times, interleaved, and keeps the faster (best of each)
 // for the rest of the process, so every later call with that key computes the
-// same bits. Recursive lock: timing the Gram matrix by blocks makes its
-// blocks' GEMMs choose their engine.
+// same bits. Recursive lock: timing the Gram matrix's one-GEMM way makes that
+// GEMM choose its engine.
 struct Choice {
   const TimedChoice* kind;
   bool first;

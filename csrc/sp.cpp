@@ -1,5 +1,5 @@
 // SP (similarity preserving) on CPU: the GEMMs through gemm.cpp (the Gram matrices
-// too: by blocks of their upper triangle where that is faster), everything on the small [b, b] Gram
+// too: by the triangle kernel where that is faster), everything on the small [b, b] Gram
 // matrices in one fused per-row pass.
 //
 //   A = Q Q^T, n_r = ||A_r||_p, den_r = max(n_r, 1e-12), G_r = A_r / den_r

@@ -97,7 +97,7 @@ def run_forced(value, engine):
 @pytest.mark.parametrize("engine", ["aten", "onednn"])
 def test_forced_engine_in_a_subprocess(engine):
     """KDKERNELS_GEMM forces the engine; LSH (N streamed in two chunks, so the
-    accumulating GEMM runs) and SP (Gram by blocks) still match the reference."""
+    accumulating GEMM runs) and SP (130 rows: its Gram by one GEMM or the triangle kernel, as timed) still match the reference."""
     if engine == "onednn" and not torch.backends.mkldnn.is_available():
         pytest.skip("torch built without oneDNN")
     res = run_forced(engine, engine)
