@@ -41,6 +41,7 @@ the custom op.
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -193,6 +194,7 @@ def _scale_saved(ctx, grads, grad_output: Tensor):
 
 _UNIFORM_WEIGHTS: Dict[tuple, Tensor] = {}  # (batch, scale, dtype, device) -> [batch] filled with scale
 _UNIFORM_WEIGHTS_SIZE = 32
+_UNIFORM_WEIGHTS_LOCK = threading.Lock()
 
 
 def _uniform_weight(batch: int, scale: float, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -204,9 +206,10 @@ def _uniform_weight(batch: int, scale: float, dtype: torch.dtype, device: torch.
     if w is None:
         with torch.inference_mode(False):  # an ordinary tensor even when first made under inference_mode
             w = torch.full((batch,), scale, dtype=dtype, device=device)
-        if len(_UNIFORM_WEIGHTS) >= _UNIFORM_WEIGHTS_SIZE:
-            _UNIFORM_WEIGHTS.pop(next(iter(_UNIFORM_WEIGHTS)))
-        _UNIFORM_WEIGHTS[key] = w
+        with _UNIFORM_WEIGHTS_LOCK:  # threads may fill the cache at once
+            if len(_UNIFORM_WEIGHTS) >= _UNIFORM_WEIGHTS_SIZE:
+                _UNIFORM_WEIGHTS.pop(next(iter(_UNIFORM_WEIGHTS)))
+            _UNIFORM_WEIGHTS[key] = w
     return w
 
 
