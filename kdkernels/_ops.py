@@ -32,7 +32,8 @@ upstream per-row (or per-element) gradient as row weights.
 Eager calls skip the dispatcher: ``run`` (used by the functionals) and ``call``
 (the autograd drop-ins and the backward re-runs) execute an op's Python body
 directly, under a plain ``torch.autograd.Function`` that uses the op's own
-setup_context and backward, when nothing needs the custom op: not compiling,
+setup_context and backward (a reduced loss on the CPU backend: under the C++
+node of ``_C.attach_scaled_grads`` instead, same rule), when nothing needs the custom op: not compiling,
 no Python dispatch or torch-function mode, only plain ``torch.Tensor`` inputs.
 The custom op's dispatch and autograd wrappers cost about 40-60 us a call (hot
 caches, CPU) on top of ~40 us, which matters at the sizes KD losses often see.
