@@ -276,7 +276,7 @@ def time_case(case: Case, device: str, repeats: int, warmup: int, impls: Sequenc
     inputs = make_inputs(case, device)
     out: Dict[str, dict] = {}
     steps: Dict[str, Callable] = {}
-    first_values: Dict[str, tuple] = {}  # impl -> (loss, grads) of its first call
+    first_values: Dict[str, tuple] = {}  # impl -> (loss, gradient fingerprints) of its first call
     for impl in impls:
         entry = {"ms": None, "status": "ok"}
         if not applies(impl, case, device):
