@@ -27,5 +27,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_gram_kernel", &kdk::gram_kernel, "Q @ Q^T by the installed kernel module's triangle kernel alone (tests)");
   m.def("attach_scaled_grads", &kdk::attach_scaled_grads,
         "Give a reduced loss a backward that scales the gradients its forward computed (kdkernels/_ops.py, run)");
+  m.def("empty_output_cache", &kdk::empty_output_cache, "Frees the idle blocks of the big-output cache");
+  m.def("output_cache_idle_bytes", &kdk::output_cache_idle_bytes, "Bytes of idle blocks the big-output cache holds");
+  m.def("output_cache_limit", &kdk::output_cache_limit, "Most idle bytes the big-output cache keeps");
+  m.def("set_output_cache_limit", &kdk::set_output_cache_limit, "Sets that limit (0: off); idle blocks beyond it are freed");
   m.def("sp_forward", &kdk::sp_forward, NoGrad(), "SP: per-row loss and row-weighted gradients of one layer pair");
 }

@@ -14,9 +14,6 @@
 #include <type_traits>
 #include <optional>
 #include <vector>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "kernels.h"
 
@@ -57,29 +54,17 @@ inline void finish_output(Tensor& out, const Tensor& work) {
   if (!work.is_same(out)) out.copy_(work);
 }
 
-// Ask Linux for transparent huge pages on a freshly allocated, not yet written
-// output of at least 4 MiB (its 2 MiB-aligned interior). A big output's first
-// write is dominated by 4 KiB page faults (about 5x slower than the write
-// itself on the machines measured); this is what PyTorch's opt-in
-// THP_MEM_ALLOC_ENABLE does for every allocation, here only for the outputs
-// of the memory-bound kernels. KDKERNELS_HUGEPAGES=0 turns it off.
-inline void advise_huge_pages(const Tensor& out) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  static const bool enabled = [] {
-    const char* v = std::getenv("KDKERNELS_HUGEPAGES");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const uintptr_t nbytes = static_cast<uintptr_t>(out.numel()) * out.element_size();
-  if (!enabled || !out.defined() || nbytes < 2 * kHuge) return;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr());
-  const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (p + nbytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advisory: errors ignored
-#else
-  (void)out;
-#endif
-}
+// Outputs of the kernels (output_cache.cpp). Of 4 MiB or more: from a cache of
+// freed output blocks whose pages stay mapped (a fresh big block costs a page
+// fault per 4 KiB), else plain at::empty_strided; either way with transparent
+// huge-page advice on big fresh memory (KDKERNELS_HUGEPAGES=0 turns it off).
+Tensor empty_output(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options);
+Tensor empty_output_like(const Tensor& x);  // the strides at::empty_like(x) gives
+void advise_huge_pages(const Tensor& out);  // madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior
+int64_t output_cache_idle_bytes();
+int64_t output_cache_limit();
+void set_output_cache_limit(int64_t bytes);  // idle blocks beyond it are freed
+void empty_output_cache();                   // frees the idle blocks
 
 // The loops, from the kernel module of the ISA level kdkernels/_cpu.py chose
 // (dispatch.cpp); kernels() raises until one is installed.

@@ -74,8 +74,8 @@ TensorTriple lsh_forward(const Tensor& f_s, const c10::optional<Tensor>& f_t_opt
   const int64_t R = use_codes ? B : 2 * B;  // logit rows per chunk
 
   Tensor rows = at::empty({B}, acc_opts);
-  Tensor grad_s = need_grad_s ? at::empty_like(f_s) : at::empty({0}, f_s.options());
-  Tensor grad_t = need_grad_t ? at::empty_like(*f_t_opt) : at::empty({0}, f_s.options());
+  Tensor grad_s = need_grad_s ? empty_output_like(f_s) : at::empty({0}, f_s.options());
+  Tensor grad_t = need_grad_t ? empty_output_like(*f_t_opt) : at::empty({0}, f_s.options());
   Tensor Gs;  // the gradient accumulator, [B, D] in the compute dtype
 
   std::vector<double> bce_sum(B, 0.0);

@@ -35,8 +35,8 @@ TensorTriple nd_forward(const Tensor& s, const Tensor& t, const Tensor& centers,
   const Tensor lab = labels.to(at::kLong).contiguous();
   const Tensor w = row_weight.contiguous();
   Tensor rows = at::empty({B}, s.options().dtype(acc_type));
-  Tensor grad_s = need_grad_s ? at::empty_like(s) : at::empty({0}, s.options());
-  Tensor grad_t = need_grad_t ? at::empty_like(t) : at::empty({0}, t.options());
+  Tensor grad_s = need_grad_s ? empty_output_like(s) : at::empty({0}, s.options());
+  Tensor grad_t = need_grad_t ? empty_output_like(t) : at::empty({0}, t.options());
   Tensor work_s = need_grad_s ? row_major_work(grad_s) : grad_s;
   Tensor work_t = need_grad_t ? row_major_work(grad_t) : grad_t;
   if (B > 0) {

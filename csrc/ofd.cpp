@@ -26,7 +26,7 @@ namespace {
 // x in the strides of `layout` (a dense tensor of the same shape), copying only
 // when its strides differ.
 Tensor alloc_in_layout(const Tensor& layout, const at::TensorOptions& options) {
-  return at::empty_strided(layout.sizes(), layout.strides(), options);
+  return empty_output(layout.sizes(), layout.strides(), options);
 }
 
 Tensor in_layout(const Tensor& x, const Tensor& layout) {
@@ -43,14 +43,9 @@ std::pair<Tensor, Tensor> grad_output(const Tensor& x, const Tensor& layout, boo
     Tensor e = at::empty({0}, x.options());
     return {e, e};
   }
-  Tensor out = at::empty_like(x);
-  if (out.strides() == layout.strides()) {
-    advise_huge_pages(out);
-    return {out, out};
-  }
-  Tensor work = alloc_in_layout(layout, x.options());
-  advise_huge_pages(work);
-  return {out, work};
+  Tensor out = empty_output_like(x);
+  if (out.strides() == layout.strides()) return {out, out};
+  return {out, alloc_in_layout(layout, x.options())};
 }
 
 struct OfdLayout {
@@ -102,7 +97,6 @@ Tensor ofd_none(const Tensor& s, const Tensor& t, const Tensor& margin) {
   TORCH_CHECK(s.sizes() == t.sizes() && s.scalar_type() == t.scalar_type(), "kdkernels ofd: s/t mismatch");
   const OfdLayout L = ofd_layout(s, margin);
   Tensor d = alloc_in_layout(L.layout, s.options());  // empty_like(s)
-  advise_huge_pages(d);
   const Tensor s_l = in_layout(s, L.layout);
   const Tensor t_l = in_layout(t, L.layout);
   const int64_t numel = s.numel();

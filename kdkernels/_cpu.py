@@ -68,6 +68,13 @@ def describe() -> str:
             f"float32 GEMMs: {_C.gemm_engine()}")
 
 
+def empty_cache() -> None:
+    """Frees the idle blocks the C++ kernels keep for big outputs (see README, "Output
+    cache"); tensors in use are not touched. Nothing to do if the extension is not built."""
+    if _C is not None:
+        _C.empty_output_cache()
+
+
 def ofd_forward(s, t, margin, grad_scale, need_grad_s, need_grad_t):
     return tuple(_extension().ofd_forward(s, t, margin, grad_scale, need_grad_s, need_grad_t))
 
