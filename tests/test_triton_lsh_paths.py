@@ -57,7 +57,8 @@ def test_nan_teacher_row(path):
 
 def test_which_path():
     """fused: teacher features and the student gradient, D within the arch's bound;
-    otherwise (packed codes, loss only, wider D, float64) the two GEMMs."""
+    otherwise (packed codes, loss only, wider D, float64) the two GEMMs. float32's bound
+    on D depends on the matmul precision."""
     def run(dtype, dim, codes=False, grad=True):
         f_s, f_t, w, b = make_case(4, dim, 24).fresh_args(dtype)
         f_s.requires_grad_(grad)
@@ -68,6 +69,11 @@ def test_which_path():
     max_d = lsh.FUSED_CONFIG[(90, "fp32")][4]
     assert run(torch.float32, max_d) == fused
     assert run(torch.float32, max_d + 1) == two
+    tf32_max_d = lsh.FUSED_CONFIG[(90, "fp32 tf32")][4]  # single-pass TF32 dots: wider D fuses
+    assert tf32_max_d > max_d
+    with traffic.matmul_precision("high"):
+        assert run(torch.float32, tf32_max_d) == fused
+        assert run(torch.float32, tf32_max_d + 1) == two
     assert run(torch.float32, 8, codes=True) == two
     assert run(torch.float32, 8, grad=False) == two
     assert run(torch.float64, 8) == two
@@ -77,3 +83,12 @@ def test_row_chunks(path, monkeypatch):
     """Several row chunks (the last one partial): each chunk's splits and row blocks."""
     monkeypatch.setattr(lsh, "L2_CHUNK_BYTES", 1)  # the smallest chunk: one row block of the widest kernel
     check_parity(make_case(150, 24, 70, "sum", mask="float"), "triton", torch.float32, "random")
+
+
+def test_wide_d_fuses_under_tf32_precision():
+    """float32 with matmul precision 'high': D=200 (BLOCK_D 256) takes the fused kernel; parity
+    with the reference (the interpreter multiplies in float32, so the tolerances are float32's)."""
+    case = make_case(70, 200, 130, "mean", mask="float")
+    with traffic.matmul_precision("high"):
+        launched = _kernels(lambda: check_parity(case, "triton", torch.float32, "random"))
+    assert "lsh_fused_kernel" in launched, launched

@@ -191,6 +191,16 @@ def _jobs(dtypes, tgt) -> List[Job]:
                             dict(lsh_ptrs, pd_ptr="c"), dict(HAS_BIAS=True, HAS_MSE=True, BLOCK_M=bm, BLOCK_N=bn,
                                                              BLOCK_D=bd),
                             warps(n_warps), stages(n_stages)))
+        # the wider BLOCK_Ds that float32 reaches with single-pass TF32 dots only
+        tf32 = lsh.FUSED_CONFIG.get((arch, f"{kind} tf32")) if tgt.backend == "cuda" else None
+        if tf32 is not None:
+            tm, tn, t_warps, t_stages, t_max = tf32
+            for bd in (16, 32, 64, 128, 256, 512):
+                if max_d < bd <= t_max:
+                    jobs.append(Job("lsh", "lsh_fused_kernel", f"f_t loss+GW {tm}x{tn} BLOCK_D={bd} tf32", dt,
+                                    dict(lsh_ptrs, pd_ptr="c"),
+                                    dict(HAS_BIAS=True, HAS_MSE=True, BLOCK_M=tm, BLOCK_N=tn, BLOCK_D=bd),
+                                    warps(t_warps), stages(t_stages), prec="tf32"))
         if block_ds:
             bm, bd, bk, n_warps, n_stages = lsh.REDUCE_CONFIG
             jobs.append(Job("lsh", "lsh_grad_kernel", f"sum of splits+mse+grads {bm}x{bd}", dt,
@@ -501,7 +511,7 @@ def _fp32_variants(job: Job) -> List[Job]:
     from ._utils import dot_precision
 
     fn = getattr(importlib.import_module(f"kdkernels.triton.{job.module}"), job.kernel)
-    if job.dtype != "fp32" or "DOT_PREC" not in fn.arg_names:
+    if job.dtype != "fp32" or "DOT_PREC" not in fn.arg_names or job.prec is not None:
         return [job]
     precs = [dot_precision(TORCH_DTYPES["fp32"], job.target, mp) for mp in ("highest", "high", "medium")]
     return [replace(job, prec=p, variant=job.variant + ("" if p == precs[0] else f" {p}"))

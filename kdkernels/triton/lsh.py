@@ -58,9 +58,13 @@ GRAD_CONFIG = {(90, "half"): (64, 128, 64, 8, 3), (90, "fp32"): (128, 64, 16, 8,
 # f_t and its [BLOCK_M, BLOCK_D] G W accumulator stay on chip: the bound is where ptxas stops
 # fitting it in 255 registers without spills, see aot.py); lsh_grad_kernel then only sums
 # the splits, with REDUCE_CONFIG (BLOCK_M, BLOCK_D, BLOCK_K (unused), num_warps, num_stages).
-# float64 always takes the two-kernel path.
+# float64 always takes the two-kernel path. "fp32 tf32": float32 with single-pass TF32 dots
+# (matmul precision 'high' / 'medium'), which hold each operand once where tf32x3 ('highest')
+# holds it three times (fp32 and two TF32 parts), so a row block's f_s, f_t of up to 256
+# columns fit in shared memory; other precisions use the "fp32" entry.
 FUSED_CONFIG = {(90, "half"): (64, 32, 8, 3, 256), (80, "half"): (64, 32, 8, 2, 128),
-                (90, "fp32"): (64, 32, 8, 2, 64), (80, "fp32"): (32, 32, 4, 2, 32)}
+                (90, "fp32"): (64, 32, 8, 2, 64), (90, "fp32 tf32"): (64, 32, 8, 2, 256),
+                (80, "fp32"): (32, 32, 4, 2, 32)}
 REDUCE_CONFIG = (64, 32, 16, 4, 1)
 MAX_SPLITS = 8  # hash-axis splits of lsh_fused_kernel (bounds the partial-sum buffer)
 L2_CHUNK_BYTES = 16 << 20  # budget for a chunk's [chunk, N] G (H100: 50 MB of L2, A100: 40 MB)
@@ -81,13 +85,20 @@ def fused_block_d(D: int) -> int:
     return max(16, next_pow2(D))
 
 
-def use_fused(kind: str, D: int, arch: int) -> bool:
-    return (arch, kind) in FUSED_CONFIG and fused_block_d(D) <= FUSED_CONFIG[(arch, kind)][4]
+def fused_key(kind: str, arch: int, prec: str):
+    """FUSED_CONFIG's key for a dtype class, arch family and dot precision."""
+    key = (arch, f"{kind} {prec}")
+    return key if key in FUSED_CONFIG else (arch, kind)
 
 
-def fused_config(kind: str, arch: int):
+def use_fused(kind: str, D: int, arch: int, prec: str) -> bool:
+    key = fused_key(kind, arch, prec)
+    return key in FUSED_CONFIG and fused_block_d(D) <= FUSED_CONFIG[key][4]
+
+
+def fused_config(kind: str, arch: int, prec: str):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of lsh_fused_kernel."""
-    return FUSED_CONFIG[(arch, kind)][:4]
+    return FUSED_CONFIG[fused_key(kind, arch, prec)][:4]
 
 
 def fused_splits(M: int, N: int, block_m: int, block_n: int, elem: int, csize: int, device) -> int:
@@ -369,9 +380,10 @@ def lsh_forward(f_s, f_t, weight, bias, teacher_codes, mse_weight, row_weight, n
     kind = dtype_class(f_s.dtype)
     arch = _utils.arch(dev)
     elem, csize = f_s.element_size(), row_weight.element_size()
-    fused = need_gs and not use_codes and use_fused(kind, D, arch)
+    prec = dot_precision(f_s.dtype, dev)
+    fused = need_gs and not use_codes and use_fused(kind, D, arch, prec)
     if fused:
-        pm, pn, p_warps, p_stages = fused_config(kind, arch)
+        pm, pn, p_warps, p_stages = fused_config(kind, arch, prec)
         gm, gd, gk, g_warps, g_stages = REDUCE_CONFIG
         chunk = chunk_rows(B, MAX_SPLITS * D, csize, max(pm, gm), min(pm, gm))
         n_parts = fused_splits(chunk, N, pm, pn, elem, csize, dev)
@@ -389,7 +401,7 @@ def lsh_forward(f_s, f_t, weight, bias, teacher_codes, mse_weight, row_weight, n
     p_stages, g_stages = _utils.pipeline_stages(p_stages, dev), _utils.pipeline_stages(g_stages, dev)
     part = torch.empty((n_parts, chunk), dtype=cdtype, device=dev)
     sse = torch.empty(chunk if has_mse else 0, dtype=cdtype, device=dev)
-    common = dict(CDTYPE=compute_tl_dtype(f_s.dtype), DOT_PREC=dot_precision(f_s.dtype, dev), INTERP=interpreting())
+    common = dict(CDTYPE=compute_tl_dtype(f_s.dtype), DOT_PREC=prec, INTERP=interpreting())
     flags = dict(HAS_BIAS=bias is not None, USE_CODES=use_codes, HAS_MSE=has_mse, NEED_GS=need_gs)
     mse_bits = scalar_bits(mse_weight)
     for r0 in range(0, B, chunk):

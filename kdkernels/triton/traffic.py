@@ -1,6 +1,6 @@
 """Memory traffic, launches and host synchronisations of the Triton backend, counted without a GPU.
 
-    python -m kdkernels.triton.traffic [--dtypes fp32 bf16] [--losses ofd nd lsh sp]
+    python -m kdkernels.triton.traffic [--dtypes fp32 tf32 bf16] [--losses ofd nd lsh sp]
 
 Each loss runs forward + backward (student gradient, upstream gradient 2.0) at a
 fixed size under the Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors),
@@ -56,7 +56,10 @@ from typing import Callable, Dict, List  # noqa: E402
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
+# float32 matmul precision of a row: "fp32" torch's default 'highest' (tf32x3 dots), "tf32"
+# float32 inputs with single-pass TF32 dots allowed ('high'), as most GPU training runs
+MATMUL_PRECISION = {"fp32": "highest", "tf32": "high"}
 # ratio targets of issue 12 (measured bytes / minimum bytes)
 TARGETS = {"ofd": 1.25, "nd": 1.3, "lsh": 4.0, "sp": 2.5}
 SIZES = {"ofd": "[8, 64, 32, 32]", "nd": "B=256 D=512 K=100", "lsh": "B=128 D=256 N=2048",
@@ -255,13 +258,26 @@ def measure(case: Case, dtype: torch.dtype) -> Counts:
     return counts
 
 
+@contextlib.contextmanager
+def matmul_precision(precision):
+    """torch.set_float32_matmul_precision(precision) inside (None: unchanged)."""
+    old = torch.get_float32_matmul_precision()
+    if precision is not None:
+        torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
 def report(losses=tuple(TARGETS), dtypes=tuple(DTYPES)) -> List[dict]:
     rows = []
     all_cases = cases()
     for name in losses:
         for dt in dtypes:
             case = all_cases[name]
-            c = measure(case, DTYPES[dt])
+            with matmul_precision(MATMUL_PRECISION.get(dt)):
+                c = measure(case, DTYPES[dt])
             inputs = case.inputs(DTYPES[dt])
             minimum = case.minimum(inputs)
             rows.append(dict(loss=name, dtype=dt, size=SIZES[name], counts=c, minimum=minimum,
@@ -281,7 +297,8 @@ def format_rows(rows: List[dict]) -> str:
                      f"{r['bound']:6.2f} {r['target']:6.2f} {c.launches:>3}+{c.op_launches:<4} {c.syncs:>5}  "
                      f"{'OK' if ok else 'HOST SYNC ' + ','.join(c.sync_ops) if c.syncs else 'OVER TARGET' + (' (target < bound: unattainable)' if r['target'] < r['bound'] else '')}")
     lines.append("launches: Triton kernels + torch ops; bytes requested (L1/L2 hits included), a model, not a GPU run;")
-    lines.append("bound: lower bound of any separate forward/backward (see the module docstring)")
+    lines.append("bound: lower bound of any separate forward/backward (see the module docstring); "
+                 "tf32: float32 inputs under torch.set_float32_matmul_precision('high')")
     for r in rows:
         c = r["counts"]
         lines.append(f"  {r['loss']} {r['dtype']}: kernels {c.kernels}; torch ops {c.ops}")
