@@ -81,15 +81,13 @@ def _gemm_rows(aot_run, kernel, target, dtype):
 
 @pytest.mark.parametrize("kernel", GEMM_KERNELS)
 def test_bf16_gemms_use_native_16bit_tensor_cores(aot_run, kernel):
-    """sm_90: every bf16 GEMM tile of >= 64 rows is a wgmma with bf16 operands; the
-    16/32-row SP tiles (b <= 32) are mma.sync bf16 (wgmma needs 64 rows); sm_80: mma.sync bf16."""
+    """sm_90: every bf16 GEMM is a wgmma with bf16 operands (no mma.sync: SP's tiles are 64
+    rows for any b); sm_80: mma.sync bf16."""
     for arch in (80, 90):
         for r in _gemm_rows(aot_run, kernel, f"sm_{arch}", "bf16"):
-            small = "BLOCK_M=16 " in r["variant"] or "BLOCK_M=32 " in r["variant"]
-            want = "mma m16n8k16 bf16" if arch == 80 or small else "wgmma m64n"
-            assert want in r["mma"] and "tf32" not in r["mma"], r
-            if arch == 90 and not small:
-                assert all(op.split()[2].startswith("bf16") for op in r["mma"].split(", ")), r
+            ops = r["mma"].split(", ")
+            want = "mma m16n8k16 bf16" if arch == 80 else "wgmma m64n"
+            assert all(op.startswith(want) and op.split()[2].startswith("bf16") for op in ops), r
 
 
 @pytest.mark.parametrize("kernel", GEMM_KERNELS)
@@ -116,7 +114,7 @@ def test_float32_gemms_use_tf32x3_tensor_cores(aot_run):
         rows = _gemm_rows(aot_run, kernel, "sm_90", "fp32")
         assert {r["prec"] for r in rows} == {"tf32x3", "tf32"}  # 'highest' and 'high' / 'medium'
         for r in rows:
-            assert "tf32" in r["mma"], r
+            assert all(op.startswith("wgmma m64n") and op.endswith("tf32") for op in r["mma"].split(", ")), r
 
 
 def test_problems_flags_spills_and_limits():

@@ -285,8 +285,12 @@ def gemm_config(dtype: torch.dtype, arch: int):
 
 def block_m(b: int, dtype: torch.dtype, arch: int) -> int:
     """Tile height of the Gram and dQ GEMMs (tl.dot needs >= 16), capped per dtype and
-    arch for zero spills."""
-    return min(gemm_config(dtype, arch)[0], max(16, next_pow2(b)))
+    arch for zero spills. On sm_90 16-bit and float32 tiles are always the cap, 64 rows:
+    wgmma's tile height (a smaller b is masked; below 64 rows the dots fall back to mma.sync)."""
+    cap = gemm_config(dtype, arch)[0]
+    if arch == 90 and dtype != torch.float64:
+        return cap
+    return min(cap, max(16, next_pow2(b)))
 
 
 def max_single_c(dtype: torch.dtype, arch: int) -> int:
