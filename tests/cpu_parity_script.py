@@ -81,6 +81,9 @@ def main():
                 codes = F.lsh_codes(ft, w, bias)
                 check(f"lsh[{B},{D},{N}] codes", F.lsh_loss, [fs, None, w, bias], diff=(0,), teacher_codes=codes,
                       mse_weight=0.0)
+    big = [r(2, 64, 96, 96, dt=torch.float32) for _ in range(2)] + [-torch.rand(64, generator=g)]
+    for n in range(2):  # >= 4 MiB outputs: from the output cache, the second time a reused block
+        check(f"ofd{list(big[0].shape)} cached output, call {n + 1}", F.ofd_loss, big)
     for dt in (torch.float32, torch.float64):  # the triangle kernel: row blocks and K chunks with tails
         for b, K in ([(5, 37)] if a.tiny else [(5, 37), (14, 1100), (3, 2100)]):
             q = r(b, K, dt=dt)
