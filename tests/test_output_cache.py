@@ -1,6 +1,7 @@
 """The C++ kernels' cache of big output blocks (csrc/output_cache.cpp): a freed
 gradient's block is handed to the next output of its size, fully rewritten, and
-the limit, ``kdkernels.empty_cache()`` and the environment switch do what they say."""
+the limit, ``kdkernels.empty_cache()`` and the environment switch do what they say;
+OFD's outputs of >= 32 MiB (written with streaming stores) are right."""
 import os
 import subprocess
 import sys
@@ -126,3 +127,22 @@ def test_environment_switch():
     bad = _run_with_env("lots")
     assert bad.returncode != 0
     assert "KDKERNELS_OUTPUT_CACHE_MB" in bad.stderr
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_streamed_outputs_match_the_reference(ext, reduction):
+    """[8, 64, 128, 128] float32 is 32 MiB: OFD writes it with non-temporal stores
+    (csrc/kernels/common.h, store_stream); teacher gradient too, non-unit upstream."""
+    s, t, m = _inputs((8, 64, 128, 128), seed=3)
+    t = t.requires_grad_()
+    for _ in range(2):  # a fresh block, then a reused one
+        loss = F.ofd_loss(s, t, m, reduction=reduction, backend="cpu")
+        up = torch.full_like(loss, 0.5)
+        gs, gt = torch.autograd.grad(loss, (s, t), up)
+        s_ref, t_ref = s.detach().double().requires_grad_(), t.detach().double().requires_grad_()
+        want = R.ofd_loss(s_ref, t_ref, m.double(), reduction=reduction)
+        ws, wt = torch.autograd.grad(want, (s_ref, t_ref), up.double())
+        torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(gs.double(), ws, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gt.double(), wt, rtol=1e-5, atol=1e-6)
+        del loss, gs, gt

@@ -10,6 +10,7 @@ namespace {
 
 constexpr int64_t kBlock = 16384;  // elements per deterministic partial sum
 constexpr int64_t kFlush = 1024;   // float lanes are flushed to double this often
+constexpr int64_t kStreamBytes = int64_t(32) << 20;  // outputs of this size or more: streaming stores
 
 // One run of n elements sharing the margin pointer m: m[0] for every element
 // (MV = false, a run inside one channel) or m[i] for element i (MV = true).
@@ -19,7 +20,7 @@ constexpr int64_t kFlush = 1024;   // float lanes are flushed to double this oft
 template <OfdMode M, bool GS, bool GT, bool MV, typename A>
 C10_ALWAYS_INLINE void ofd_run(const A* __restrict s, const A* __restrict t, const A* __restrict g,
                                A* __restrict os, A* __restrict ot, const A* __restrict m, int64_t n, A scale2,
-                               Vectorized<A>& acc) {
+                               bool stream, Vectorized<A>& acc) {
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
   const V zero(A(0)), vscale2(scale2), two(A(2)), m0(m[0]);
@@ -30,12 +31,13 @@ C10_ALWAYS_INLINE void ofd_run(const A* __restrict s, const A* __restrict t, con
     const V tc = select(mv, tv, keep);
     const V diff = sv - tc;
     const V dm = diff * ones_where(gt(sv, tc) | gt(tc, zero));  // a product: NaN stays NaN
+    auto put = [&](A* p, const V& v) { stream ? store_stream(p, v, k) : store(p, v, k); };
     if constexpr (M == OfdMode::kNone) {
-      store(os + i, diff * dm, k);
+      put(os + i, diff * dm);
     } else {
       const V gsv = (M == OfdMode::kBackward ? load(g + i, k) * two : vscale2) * dm;
-      if constexpr (GS) store(os + i, gsv, k);
-      if constexpr (GT) store(ot + i, neg(gsv) & keep, k);
+      if constexpr (GS) put(os + i, gsv);
+      if constexpr (GT) put(ot + i, neg(gsv) & keep);
       if constexpr (M == OfdMode::kForward) acc += first(diff * dm, k);
     }
   };
@@ -47,17 +49,17 @@ C10_ALWAYS_INLINE void ofd_run(const A* __restrict s, const A* __restrict t, con
 // A run of T elements: directly when T is the compute type, else by float tiles.
 template <OfdMode M, bool GS, bool GT, bool MV, typename T>
 C10_ALWAYS_INLINE void ofd_run_t(const T* s, const T* t, const T* g, T* os, T* ot, const acc_t<T>* m, int64_t n,
-                                 acc_t<T> scale2, Vectorized<acc_t<T>>& acc) {
+                                 acc_t<T> scale2, bool stream, Vectorized<acc_t<T>>& acc) {
   using A = acc_t<T>;
   if constexpr (std::is_same_v<T, A>) {
-    ofd_run<M, GS, GT, MV, A>(s, t, g, os, ot, m, n, scale2, acc);
+    ofd_run<M, GS, GT, MV, A>(s, t, g, os, ot, m, n, scale2, stream, acc);
   } else {
     __at_align__ A sb[kTile], tb[kTile], gb[kTile], osb[kTile], otb[kTile];
     for (int64_t k = 0; k < n; k += kTile) {
       const int64_t len = std::min(kTile, n - k);
       const A* gp = M == OfdMode::kBackward ? as_acc(g + k, gb, len) : nullptr;
       ofd_run<M, GS, GT, MV, A>(as_acc(s + k, sb, len), as_acc(t + k, tb, len), gp, osb, otb, MV ? m + k : m,
-                                len, scale2, acc);
+                                len, scale2, false, acc);
       if (GS || M == OfdMode::kNone) at::vec::convert(osb, os + k, len);
       if (GT) at::vec::convert(otb, ot + k, len);
     }
@@ -73,6 +75,8 @@ double ofd_dense(const T* s, const T* t, const T* g, T* os, T* ot, const acc_t<T
   const A scale2 = static_cast<A>(scale2_d);
   if (C == 1) stride_c = numel;  // one channel: the whole tensor is one run
   const bool vec_m = stride_c == 1;
+  // outputs bigger than the caches are written with streaming stores
+  const bool stream = numel * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   const int64_t nblocks = (numel + kBlock - 1) / kBlock;
   std::vector<double> partial(M == OfdMode::kForward ? nblocks : 0, 0.0);
   at::parallel_for(0, nblocks, 2, [&](int64_t b0, int64_t b1) {
@@ -91,9 +95,9 @@ double ofd_dense(const T* s, const T* t, const T* g, T* os, T* ot, const acc_t<T
         T* osp = (GS || M == OfdMode::kNone) ? os + off : nullptr;
         T* otp = GT ? ot + off : nullptr;
         if (vec_m) {
-          ofd_run_t<M, GS, GT, true, T>(s + off, t + off, gp, osp, otp, m + c, n, scale2, acc);
+          ofd_run_t<M, GS, GT, true, T>(s + off, t + off, gp, osp, otp, m + c, n, scale2, stream, acc);
         } else {
-          ofd_run_t<M, GS, GT, false, T>(s + off, t + off, gp, osp, otp, m + c, n, scale2, acc);
+          ofd_run_t<M, GS, GT, false, T>(s + off, t + off, gp, osp, otp, m + c, n, scale2, stream, acc);
         }
         if constexpr (M == OfdMode::kForward && !std::is_same_v<A, double>) {
           if ((since_flush += n) >= kFlush) {
@@ -109,6 +113,7 @@ double ofd_dense(const T* s, const T* t, const T* g, T* os, T* ot, const acc_t<T
         partial[blk] = block_sum;
       }
     }
+    if (stream) stream_fence();
   });
   double total = 0.0;
   for (double p : partial) total += p;
