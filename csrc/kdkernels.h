@@ -60,7 +60,6 @@ inline void finish_output(Tensor& out, const Tensor& work) {
 // huge-page advice on big fresh memory (KDKERNELS_HUGEPAGES=0 turns it off).
 Tensor empty_output(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options);
 Tensor empty_output_like(const Tensor& x);  // the strides at::empty_like(x) gives
-void advise_huge_pages(const Tensor& out);  // madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior
 int64_t output_cache_idle_bytes();
 int64_t output_cache_limit();
 void set_output_cache_limit(int64_t bytes);  // idle blocks beyond it are freed

@@ -155,8 +155,7 @@ OutputCache& cache() {
 
 void release_block(void* ctx) { cache().give_back(static_cast<Block*>(ctx)); }
 
-}  // namespace
-
+// madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior of a fresh output of >= 4 MiB.
 void advise_huge_pages(const Tensor& out) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   const uintptr_t nbytes = static_cast<uintptr_t>(out.numel()) * out.element_size();
@@ -169,6 +168,8 @@ void advise_huge_pages(const Tensor& out) {
   (void)out;
 #endif
 }
+
+}  // namespace
 
 Tensor empty_output(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options) {
   const size_t nbytes = at::detail::computeStorageNbytes(sizes, strides, options.dtype().itemsize());
