@@ -146,3 +146,28 @@ def test_streamed_outputs_match_the_reference(ext, reduction):
         torch.testing.assert_close(gs.double(), ws, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(gt.double(), wt, rtol=1e-5, atol=1e-6)
         del loss, gs, gt
+
+
+def test_threads_share_the_cache(ext):
+    """Four threads taking and freeing blocks of the same size at once: every result right."""
+    import threading
+
+    s, t, m = _inputs()
+    want = _want(s, t, m)[1]
+    errors = []
+
+    def work():
+        try:
+            for _ in range(4):
+                x = s.detach().clone().requires_grad_()
+                F.ofd_loss(x, t, m, backend="cpu", reduction="sum").backward()
+                torch.testing.assert_close(x.grad.double(), want, rtol=1e-5, atol=1e-6)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
