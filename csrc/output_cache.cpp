@@ -89,11 +89,6 @@ class OutputCache final : public c10::Allocator {
     delete b;
   }
 
-  bool enabled() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return limit_ > 0;
-  }
-
   int64_t idle_bytes() {
     std::lock_guard<std::mutex> lock(mutex_);
     return idle_bytes_;
@@ -159,7 +154,7 @@ void release_block(void* ctx) { cache().give_back(static_cast<Block*>(ctx)); }
 void advise_huge_pages(const Tensor& out) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   const uintptr_t nbytes = static_cast<uintptr_t>(out.numel()) * out.element_size();
-  if (!cache().huge_pages() || !out.defined() || nbytes < 2 * kHuge) return;
+  if (!cache().huge_pages() || !out.defined() || nbytes < kMinCachedBytes) return;
   const uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr());
   const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t end = (p + nbytes) & ~(kHuge - 1);
@@ -173,7 +168,7 @@ void advise_huge_pages(const Tensor& out) {
 
 Tensor empty_output(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options) {
   const size_t nbytes = at::detail::computeStorageNbytes(sizes, strides, options.dtype().itemsize());
-  if (!options.device().is_cpu() || nbytes < kMinCachedBytes || !cache().enabled()) {
+  if (!options.device().is_cpu() || nbytes < kMinCachedBytes || cache().limit() == 0) {
     Tensor out = at::empty_strided(sizes, strides, options);
     advise_huge_pages(out);
     return out;

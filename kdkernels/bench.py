@@ -235,7 +235,7 @@ def make_step(impl: str, case: Case, device: str, compiled: Optional[Callable] =
 def _fingerprint(grad: torch.Tensor) -> torch.Tensor:
     """A few float64 sums of a gradient (sum |g|, sum g^2, sum of every 97th element):
     enough to tell a wrong gradient from a right one without keeping a copy (a
-    kept copy of OFD's 200 MB gradients changed the floor's allocation pattern)."""
+    kept copy of OFD's 51 MB gradient changed the floor's allocation pattern)."""
     g = grad.detach().double().flatten()
     return torch.stack([g.abs().sum(), g.pow(2).sum(), g[::97].sum()])
 
