@@ -49,10 +49,11 @@ import torch
 from torch import Tensor
 
 try:  # private helpers: without them every call goes through the custom op (always correct)
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    _dispatch_stack_len = torch._C._len_torch_dispatch_stack  # user and infra (fake, proxy) modes alike
     _torch_function_mode_enabled = torch._C._is_torch_function_mode_enabled
-except (ImportError, AttributeError):  # pragma: no cover - other torch versions
-    _get_current_dispatch_mode = _torch_function_mode_enabled = None
+    _functorch_level = torch._C._functorch.maybe_current_level
+except AttributeError:  # pragma: no cover - other torch versions
+    _dispatch_stack_len = _torch_function_mode_enabled = _functorch_level = None
 
 from . import _validate as V
 
@@ -81,12 +82,16 @@ _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)  # Parameter: no __torch_func
 
 
 def _direct_ok(args) -> bool:
-    """True when calling an op's body directly is the same as calling the op."""
-    if _get_current_dispatch_mode is None or torch.compiler.is_compiling() or _torch_function_mode_enabled():
+    """True when calling an op's body directly is the same as calling the op (C calls
+    only, no generator: right after a large GEMM every Python frame costs ~5-10 us)."""
+    if _dispatch_stack_len is None or torch.compiler.is_compiling() or _torch_function_mode_enabled():
         return False
-    if _get_current_dispatch_mode() is not None or torch._C._functorch.maybe_current_level() is not None:
+    if _dispatch_stack_len() or _functorch_level() is not None:
         return False  # a Python mode, or a torch.func transform (its wrapped tensors look plain)
-    return all(type(a) in _PLAIN_TENSOR_TYPES for a in args if isinstance(a, Tensor))
+    for a in args:
+        if isinstance(a, Tensor) and type(a) not in _PLAIN_TENSOR_TYPES:
+            return False
+    return True
 
 
 def call(op, *args):

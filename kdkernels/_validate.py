@@ -61,6 +61,18 @@ def check_same_device(named: Iterable) -> None:
             raise ValueError(f"{name}: expected device {first.device} (the device of {first_name}), got {x.device}")
 
 
+def on_one_device(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether the tensors (None skipped) share one device; CPU tensors are told by
+    ``is_cpu``, cheaper than building and comparing ``torch.device`` objects."""
+    for x in tensors:  # a plain loop: generator frames cost more right after a large GEMM
+        if x is not None and not x.is_cpu:
+            break
+    else:
+        return True
+    devices = {x.device for x in tensors if x is not None}
+    return len(devices) == 1
+
+
 def check_frozen(name: str, x: Optional[torch.Tensor], why: str) -> None:
     """Frozen operands get no gradient; one that requires grad is a mistake worth naming."""
     if x is not None and x.requires_grad:
@@ -113,25 +125,45 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve_backend(backend, device: torch.device) -> str:
-    """'auto' (or KDKERNELS_BACKEND) -> the backend that serves ``device``; a backend
-    that cannot serve it is an error, never a silent fallback."""
+# os.environ.get("KDKERNELS_BACKEND") without its Python-level Mapping frames (the same
+# lookup: os.environ keeps the encoded variables in _data); read on every call, so a
+# change at run time takes effect.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey("KDKERNELS_BACKEND") if hasattr(os.environ, "encodekey") else None
+
+
+def _env_backend() -> str:
+    if _ENV_DATA is not None and _ENV_KEY is not None:
+        value = _ENV_DATA.get(_ENV_KEY)
+        value = os.environ.decodevalue(value) if value is not None else None
+    else:  # pragma: no cover - another os.environ implementation
+        value = os.environ.get("KDKERNELS_BACKEND")
+    return value or "auto"
+
+
+def resolve_backend(backend, where) -> str:
+    """'auto' (or KDKERNELS_BACKEND) -> the backend that serves ``where`` (a tensor, or a
+    torch.device); a backend that cannot serve it is an error, never a silent fallback.
+    A tensor's ``is_cpu``/``is_cuda`` are read rather than ``device.type``, which costs
+    ~30 us right after a large GEMM has flushed the caches."""
     if backend is None or backend == "auto":
-        backend = os.environ.get("KDKERNELS_BACKEND", "auto") or "auto"
+        backend = _env_backend()
         if backend not in BACKENDS:
             raise ValueError(f"KDKERNELS_BACKEND: expected one of {list(BACKENDS)}, got {backend!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+    if isinstance(where, torch.Tensor):
+        on_cpu, on_cuda = where.is_cpu, where.is_cuda  # NVIDIA CUDA and AMD ROCm (torch calls HIP devices "cuda" too)
+    else:
+        on_cpu, on_cuda = where.type == "cpu", where.type == "cuda"
     if backend == "auto":
-        if device.type == "cpu":
-            return "cpu"
-        if device.type == "cuda":  # NVIDIA CUDA and AMD ROCm (torch calls HIP devices "cuda" too)
-            return "triton"
-        return "reference"
-    if backend == "cpu" and device.type != "cpu":
+        return "cpu" if on_cpu else "triton" if on_cuda else "reference"
+    if backend == "cpu" and not on_cpu:
+        device = where.device if isinstance(where, torch.Tensor) else where
         raise ValueError(f"backend: 'cpu' runs the C++ kernels on CPU tensors, got tensors on {device}; "
                          "use backend='triton' (or 'auto') for CUDA / ROCm tensors")
-    if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
+    if backend == "triton" and not on_cuda and not (on_cpu and triton_interpreting()):
+        device = where.device if isinstance(where, torch.Tensor) else where
         raise ValueError(f"backend: 'triton' needs CUDA tensors, got tensors on {device}; "
                          "on CPU it runs only under the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)")
     return backend

@@ -22,6 +22,16 @@ from . import reference
 __all__ = ["lsh_loss", "lsh_codes", "nd_loss", "ofd_loss", "sp_loss"]
 
 
+def _any_autocast_enabled() -> bool:
+    """Whether autocast is on for any device (one C call where torch has it)."""
+    if _IS_ANY_AUTOCAST_ENABLED is not None:
+        return _IS_ANY_AUTOCAST_ENABLED()
+    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")  # pragma: no cover
+
+
+_IS_ANY_AUTOCAST_ENABLED = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
 def _float32_under_autocast(loss_fn=None, *, gemm: bool = False):
     """Under autocast the loss runs in float32 (as torch's own losses do): floating
     inputs are cast to float32 (their gradients flow back in their own dtype) and
@@ -34,14 +44,14 @@ def _float32_under_autocast(loss_fn=None, *, gemm: bool = False):
 
     @functools.wraps(loss_fn)
     def wrapper(*args, **kwargs):
-        if not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")):
+        if not _any_autocast_enabled():
             return loss_fn(*args, **kwargs)  # the usual case, without flattening the arguments
         tensors = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, Tensor)]
         device_type = tensors[0].device.type if tensors else "cpu"
         if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
             return loss_fn(*args, **kwargs)
         dtype = torch.float32
-        if gemm and V.resolve_backend(kwargs.get("backend", "auto"), tensors[0].device) == "triton":
+        if gemm and V.resolve_backend(kwargs.get("backend", "auto"), tensors[0]) == "triton":
             dtype = torch.get_autocast_dtype(device_type)
         def cast(x):  # constants (no grad) through the cast cache: a float32 projection is cast once
             if not (isinstance(x, Tensor) and x.is_floating_point()):
@@ -55,12 +65,36 @@ def _float32_under_autocast(loss_fn=None, *, gemm: bool = False):
     return wrapper
 
 
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
 def _wants_grad(x: Optional[Tensor]) -> bool:
     return x is not None and x.requires_grad and torch.is_grad_enabled()
 
 
 # --------------------------------------------------------------------------- LSH
+def _is_plain_lsh_call(f_s, f_t, weight, bias, mse_weight, sample_mask, teacher_codes, reduction) -> bool:
+    """The common call (f_t, no mask or codes, plain tensors on one device), which every
+    check of ``_check_lsh`` accepts, tested in one expression: right after the loss's
+    large GEMMs have flushed the caches each Python call costs 5-10 us, and LSH at
+    small batches is within a few percent of its GEMMs. False: the detailed checks."""
+    plain = _PLAIN_TENSORS
+    if (sample_mask is not None or teacher_codes is not None or type(mse_weight) is not float
+            or type(f_s) not in plain or type(f_t) not in plain or type(weight) not in plain
+            or not (bias is None or type(bias) in plain) or reduction not in V.ROW_REDUCTIONS):
+        return False
+    dtype = f_s.dtype
+    return (dtype in V.FLOAT_DTYPES and f_t.dtype is dtype and weight.dtype in V.FLOAT_DTYPES
+            and f_s.dim() == 2 and weight.dim() == 2 and f_s.numel() > 0 and weight.numel() > 0
+            and f_t.shape == f_s.shape and weight.shape[1] == f_s.shape[1] and not weight.requires_grad
+            and (bias is None or (bias.dtype in V.FLOAT_DTYPES and bias.dim() == 1 and bias.shape[0] == weight.shape[0]
+                                  and not bias.requires_grad))
+            and V.on_one_device(f_s, f_t, weight, bias))
+
+
 def _check_lsh(f_s, f_t, weight, bias, mse_weight, sample_mask, teacher_codes, reduction, backend) -> Tuple[str, float]:
+    if _is_plain_lsh_call(f_s, f_t, weight, bias, mse_weight, sample_mask, teacher_codes, reduction):
+        return V.resolve_backend(backend, f_s), mse_weight
     V.check_tensor("f_s", f_s, ndim=2)
     V.check_nonempty("f_s", f_s)
     V.check_tensor("weight", weight, ndim=2)
@@ -96,7 +130,7 @@ def _check_lsh(f_s, f_t, weight, bias, mse_weight, sample_mask, teacher_codes, r
     V.check_reduction(reduction, V.ROW_REDUCTIONS)
     V.check_same_device([("f_s", f_s), ("f_t", f_t), ("weight", weight), ("bias", bias),
                          ("sample_mask", sample_mask), ("teacher_codes", teacher_codes)])
-    return V.resolve_backend(backend, f_s.device), mse_weight
+    return V.resolve_backend(backend, f_s), mse_weight
 
 
 _CAST_CACHE: dict = {}  # (id(x), dtype) -> (weakref to x, x._version, x.data_ptr(), x.to(dtype))
@@ -175,7 +209,7 @@ def _check_nd(s, t, centers, labels, eps, reduction, backend) -> Tuple[str, floa
     eps = V.check_scalar("eps", eps, positive=True)
     V.check_reduction(reduction, V.ROW_REDUCTIONS)
     V.check_same_device([("s", s), ("t", t), ("centers", centers), ("labels", labels)])
-    return V.resolve_backend(backend, s.device), eps
+    return V.resolve_backend(backend, s), eps
 
 
 @_float32_under_autocast
@@ -207,7 +241,7 @@ def _check_ofd(s, t, margin, reduction, backend) -> str:
     V.check_frozen("margin", margin, "the margin is a constant computed from the teacher's BN")
     V.check_reduction(reduction, V.OFD_REDUCTIONS)
     V.check_same_device([("s", s), ("t", t), ("margin", margin)])
-    return V.resolve_backend(backend, s.device)
+    return V.resolve_backend(backend, s)
 
 
 @_float32_under_autocast
@@ -254,7 +288,7 @@ def _check_sp(pairs_s, pairs_t, p, reduction, global_batch, backend) -> str:
     if p not in (1, 2, 1.0, 2.0):
         raise ValueError(f"p: expected 1 (L1 rows, torchdistill) or 2 (L2 rows, the paper), got {p!r}")
     V.check_reduction(reduction, V.SP_REDUCTIONS)
-    return V.resolve_backend(backend, pairs_s[0].device)
+    return V.resolve_backend(backend, pairs_s[0])
 
 
 @_float32_under_autocast(gemm=True)

@@ -47,6 +47,19 @@ BAD_LSH = [
     (dict(backend="cuda"), ValueError, "backend"),
 ]
 
+# more LSH cases for the short check of plain calls (kdkernels.functional._is_plain_lsh_call)
+BAD_LSH_PLAIN_SHAPED = [
+    (dict(weight=torch.randn(N, D, device="meta")), ValueError, "weight"),
+    (dict(bias=torch.randn(N, device="meta")), ValueError, "bias"),
+    (dict(f_t=torch.randn(B, D, device="meta")), ValueError, "f_t"),
+    (dict(bias=torch.randn(N, 1)), ValueError, "bias"),
+    (dict(bias=torch.zeros(N, dtype=torch.int64)), TypeError, "bias"),
+    (dict(weight=torch.randn(0, D)), ValueError, "weight"),
+    (dict(weight=torch.randn(N, D).int()), TypeError, "weight"),
+    (dict(f_t=torch.randn(B + 1, D)), ValueError, "f_t"),
+    (dict(mse_weight=[1.0]), TypeError, "mse_weight"),
+]
+
 BAD_ND = [
     (dict(s=torch.randn(B)), ValueError, "s"),
     (dict(t=torch.randn(B, D + 1)), ValueError, "t"),
@@ -93,6 +106,35 @@ def test_lsh_bad_input(backend, over, error, name):
     args.setdefault("backend", backend)
     with pytest.raises(error, match=rf"^{name.replace('[', '.').replace(']', '.')}\b"):
         kdk.lsh_loss(args.pop("f_s"), args.pop("f_t"), args.pop("weight"), args.pop("bias"), **args)
+
+
+@pytest.mark.parametrize("over,error,name", BAD_LSH_PLAIN_SHAPED)
+def test_lsh_bad_plain_shaped_input(over, error, name):
+    args = lsh_args(**over)
+    with pytest.raises(error, match=rf"^{name}\b"):
+        kdk.lsh_loss(args.pop("f_s"), args.pop("f_t"), args.pop("weight"), args.pop("bias"), backend="cpu", **args)
+
+
+def _plain_lsh(args):
+    from kdkernels.functional import _is_plain_lsh_call
+
+    return _is_plain_lsh_call(args["f_s"], args["f_t"], args["weight"], args["bias"], args.get("mse_weight", 1.0),
+                              args.get("sample_mask"), args.get("teacher_codes"), args.get("reduction", "mean"))
+
+
+@pytest.mark.parametrize("over,error,name", [c for c in BAD_LSH + BAD_LSH_PLAIN_SHAPED if c[2] != "backend"])
+def test_lsh_short_check_refuses_what_the_checks_refuse(over, error, name):
+    assert not _plain_lsh(lsh_args(**over))
+
+
+def test_lsh_short_check_takes_the_common_call():
+    """The call a training loop makes (here with strided features, a Parameter projection,
+    no bias, float64) skips the detailed checks."""
+    assert _plain_lsh(lsh_args())
+    assert _plain_lsh(lsh_args(f_s=torch.randn(D, B).t(), weight=torch.nn.Parameter(torch.randn(N, D), requires_grad=False),
+                               bias=None, reduction="sum"))
+    assert _plain_lsh(lsh_args(f_s=torch.randn(B, D).double(), f_t=torch.randn(B, D).double()))
+    assert not _plain_lsh(lsh_args(sample_mask=torch.ones(B)))  # masks and codes: the detailed checks
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
