@@ -75,32 +75,18 @@ def empty_cache() -> None:
         _C.empty_output_cache()
 
 
-def ofd_forward(s, t, margin, grad_scale, need_grad_s, need_grad_t):
-    return tuple(_extension().ofd_forward(s, t, margin, grad_scale, need_grad_s, need_grad_t))
+def _not_built(*args, **kwargs):
+    _extension()  # raises, saying how to build it
 
 
-def ofd_none(s, t, margin):
-    return _extension().ofd_none(s, t, margin)
-
-
-def ofd_backward(grad_d, s, t, margin, need_grad_s, need_grad_t):
-    return tuple(_extension().ofd_backward(grad_d, s, t, margin, need_grad_s, need_grad_t))
-
-
-def nd_forward(s, t, centers, labels, row_weight, eps, need_grad_s, need_grad_t):
-    return tuple(_extension().nd_forward(s, t, centers, labels, row_weight, eps, need_grad_s, need_grad_t))
-
-
-def lsh_forward(f_s, f_t, weight, bias, teacher_codes, mse_weight, row_weight, need_grad_s, need_grad_t):
-    return tuple(_extension().lsh_forward(f_s, f_t, weight, bias, teacher_codes, mse_weight, row_weight,
-                                          need_grad_s, need_grad_t))
-
-
-def attach_scaled_grads(loss, inputs, grads):
-    """``loss`` (no history) with a backward giving ``grads[i] * upstream`` to ``inputs[i]``
-    (see kdkernels._ops.run); inputs may be None (f_t of LSH with codes)."""
-    return _extension().attach_scaled_grads(loss, inputs, grads)
-
-
-def sp_forward(q_s, q_t, p, row_weight, need_grad_s, need_grad_t):
-    return tuple(_extension().sp_forward(q_s, q_t, p, row_weight, need_grad_s, need_grad_t))
+# The backend protocol (kdkernels/_ops.py) is the extension's own functions: no Python
+# frame per call (right after a large GEMM each one costs 5-10 us).
+if _C is not None:
+    ofd_forward, ofd_none, ofd_backward = _C.ofd_forward, _C.ofd_none, _C.ofd_backward
+    nd_forward, lsh_forward, sp_forward = _C.nd_forward, _C.lsh_forward, _C.sp_forward
+    # loss (no history) with a backward giving grads[i] * upstream to inputs[i] (see
+    # kdkernels._ops.run); inputs may be None (f_t of LSH with codes)
+    attach_scaled_grads = _C.attach_scaled_grads
+else:
+    ofd_forward = ofd_none = ofd_backward = nd_forward = lsh_forward = sp_forward = _not_built
+    attach_scaled_grads = _not_built

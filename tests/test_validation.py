@@ -214,3 +214,28 @@ def test_errors_leave_no_damage(backend):
 def test_frozen_operand_error_says_why():
     with pytest.raises(ValueError, match="margin: must not require grad"):
         kdk.ofd_loss(**ofd_args(margin=torch.zeros(C, requires_grad=True)))
+
+
+def test_cpu_backend_without_the_extension_says_how_to_build_it():
+    """With kdkernels._C missing, the CPU backend raises (naming the build command) and
+    the reference still runs: no silent fallback, no crash."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+sys.modules["kdkernels._C"] = None  # as if the extension had not been built
+import kdkernels as kdk
+s, t, m = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.zeros(3)
+print(float(kdk.ofd_loss(s, t, m, backend="reference")) >= 0)
+try:
+    kdk.ofd_loss(s, t, m, backend="cpu")
+except RuntimeError as e:
+    print(str(e))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "True"
+    assert "backend 'cpu': the C++ extension kdkernels._C is not built" in lines[1]
+    assert "pip install --no-build-isolation" in lines[1]
