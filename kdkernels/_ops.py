@@ -78,7 +78,8 @@ def _register_autograd(op, backward: Callable, setup_context: Callable) -> None:
     _AUTOGRAD[id(op)] = (setup_context, backward)
 
 
-_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)  # Parameter: no __torch_function__ of its own
+# the types whose calls may skip the custom op (Parameter: no __torch_function__ of its own)
+PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
 
 def _direct_ok(args) -> bool:
@@ -89,7 +90,7 @@ def _direct_ok(args) -> bool:
     if _dispatch_stack_len() or _functorch_level() is not None:
         return False  # a Python mode, or a torch.func transform (its wrapped tensors look plain)
     for a in args:
-        if isinstance(a, Tensor) and type(a) not in _PLAIN_TENSOR_TYPES:
+        if isinstance(a, Tensor) and type(a) not in PLAIN_TENSOR_TYPES:
             return False
     return True
 

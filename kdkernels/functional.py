@@ -65,9 +65,6 @@ def _float32_under_autocast(loss_fn=None, *, gemm: bool = False):
     return wrapper
 
 
-_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
-
-
 def _wants_grad(x: Optional[Tensor]) -> bool:
     return x is not None and x.requires_grad and torch.is_grad_enabled()
 
@@ -78,7 +75,7 @@ def _is_plain_lsh_call(f_s, f_t, weight, bias, mse_weight, sample_mask, teacher_
     check of ``_check_lsh`` accepts, tested in one expression: right after the loss's
     large GEMMs have flushed the caches each Python call costs 5-10 us, and LSH at
     small batches is within a few percent of its GEMMs. False: the detailed checks."""
-    plain = _PLAIN_TENSORS
+    plain = _ops.PLAIN_TENSOR_TYPES
     if (sample_mask is not None or teacher_codes is not None or type(mse_weight) is not float
             or type(f_s) not in plain or type(f_t) not in plain or type(weight) not in plain
             or not (bias is None or type(bias) in plain) or reduction not in V.ROW_REDUCTIONS):
