@@ -11,7 +11,7 @@ run: build
 	$(PY) -m kdkernels
 
 test: build
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 setup: $(STAMP)
 

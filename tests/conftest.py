@@ -44,3 +44,11 @@ def poison():
     torch.use_deterministic_algorithms(old)
 
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """The long subprocess-bound modules (marked ``xdist_group``: the AOT compile, the
+    traffic report, the training harness) are collected first, so that under
+    ``-n 2 --dist loadgroup`` (``make test``) one worker starts on them while the other
+    takes the rest, and neither ends the session waiting on the other."""
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)

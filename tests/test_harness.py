@@ -10,6 +10,11 @@ import sys
 
 import pytest
 
+from helpers import once_per_session
+
+# the module's subprocess runs stay on one xdist worker (see conftest.py)
+pytestmark = pytest.mark.xdist_group("harness")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "distill_digits.py")
 METHODS = ("lsh", "nd", "ofd", "sp")
@@ -32,8 +37,12 @@ def _run(args, tmp, env=None, code=None):
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    return _run(["--quick", "--allow-missing"], out), out
+    """(CompletedProcess, output folder) of one --quick run, shared by the xdist workers of a session."""
+    def quick():
+        out = tmp_path_factory.mktemp("digits")
+        return _run(["--quick", "--allow-missing"], out), out
+
+    return once_per_session(tmp_path_factory, "harness", quick)
 
 
 def _with_teacher(harness, tmp_path):

@@ -22,6 +22,8 @@ triton = pytest.importorskip("triton")
 
 from helpers import once_per_session  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("aot")  # one worker runs the module (see conftest.py)
+
 KERNELS = ["ofd_fwd_kernel", "ofd_bwd_kernel", "nd_fwd_kernel", "lsh_proj_kernel", "lsh_fused_kernel",
            "lsh_grad_kernel", "sp_gram_fwd_kernel", "sp_rows_fwd_kernel", "sp_bwd_kernel"]
 GEMM_KERNELS = ["lsh_proj_kernel", "lsh_fused_kernel", "lsh_grad_kernel", "sp_gram_fwd_kernel", "sp_bwd_kernel"]
