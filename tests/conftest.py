@@ -44,8 +44,6 @@ def poison():
     torch.use_deterministic_algorithms(old)
 
 
-
-
 def pytest_collection_modifyitems(config, items):
     """The long subprocess-bound modules (marked ``xdist_group``: the AOT compile, the
     traffic report, the training harness) are collected first, so that under

@@ -12,9 +12,9 @@ import torch
 pytest.importorskip("triton")
 
 from helpers import once_per_session  # noqa: E402
+from kdkernels.triton import traffic  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("traffic")  # one worker runs the module (see conftest.py)
-from kdkernels.triton import traffic  # noqa: E402
 
 # rows that are over their target, with the reason (strict: a row that starts meeting
 # its target fails the test, so this list cannot go stale)
