@@ -525,14 +525,32 @@ def evaluate_targets(case: Case, res: dict) -> List[dict]:
 
 
 # --------------------------------------------------------------------------- machine
+# Environment variables that cap the instruction set of torch's kernels, oneDNN's and
+# MKL's GEMMs: all three at AVX2 make an AVX-512 machine run the code an AVX2 one would.
+ISA_LIMIT_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def cpu_description(cpuinfo: str) -> str:
+    """The first processor of a /proc/cpuinfo text as 'model name (family F, model M, AVX-512|AVX2|no AVX2)'."""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor only
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name", "")
+    flags = set(fields.get("flags", "").split())
+    isa = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
+    if "cpu family" not in fields:
+        return name
+    return f"{name} (family {fields['cpu family']}, model {fields.get('model', '?')}, {isa})"
+
+
 def machine_info(device: str) -> dict:
     cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+            cpu = cpu_description(f.read()) or cpu
     except OSError:
         pass
     info = {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
@@ -562,6 +580,7 @@ def machine_info(device: str) -> dict:
         info["gemm_engine"] = _cpu._C.gemm_engine() if _cpu.available() else None
         info["gemm_engine_reason"] = _cpu._C.gemm_engine_reason() if _cpu.available() else None
         info["cpu_isa"] = _cpu.CAPABILITY  # the kernel module in use (torch's capability)
+        info["isa_limits"] = {v: os.environ[v] for v in ISA_LIMIT_VARS if os.environ.get(v)}
     return info
 
 
@@ -796,6 +815,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.device == "cpu":
         print(f"C++ kernels: ISA level {info.get('cpu_isa')} (torch: {torch.backends.cpu.get_cpu_capability()}), "
               f"float32 GEMM engine {info.get('gemm_engine')} ({info.get('gemm_engine_reason')})")
+        if info.get("isa_limits"):
+            print("ISA limits set: " + ", ".join(f"{k}={v}" for k, v in info["isa_limits"].items()))
     print(f"fwd+bwd, median of {repeats} runs after {warmup} warm-up; fused backend {fused_backend(args.device)!r}")
     load = info.get("loadavg_1m_at_start")
     if args.device == "cpu" and load is not None and load > (os.cpu_count() or 1):

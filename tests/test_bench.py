@@ -165,3 +165,33 @@ def test_a_result_that_differs_from_eager_gets_no_time():
     assert "loss differs" in bench._mismatch((torch.tensor(0.0), grads), (loss, grads))
     assert "gradient differs" in bench._mismatch((loss, [bench._fingerprint(torch.zeros(1000))]), (loss, grads))
     assert "gradient differs" in bench._mismatch((loss, [bench._fingerprint(g.flip(0))]), (loss, grads))
+
+
+CPUINFO_ZEN4 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+flags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw
+
+processor\t: 1
+model name\t: another CPU
+"""
+
+
+def test_cpu_description_names_family_model_and_isa():
+    assert bench.cpu_description(CPUINFO_ZEN4) == "AMD EPYC (family 25, model 17, AVX-512)"
+    zen3 = CPUINFO_ZEN4.replace(" avx512f avx512bw", "")
+    assert bench.cpu_description(zen3) == "AMD EPYC (family 25, model 17, AVX2)"
+    nehalem = CPUINFO_ZEN4.replace(" avx avx2 fma avx512f avx512bw", "")
+    assert bench.cpu_description(nehalem).endswith(", no AVX2)")
+    assert bench.cpu_description("model name\t: Some ARM\n") == "Some ARM"  # no family field: the name alone
+    assert bench.cpu_description("") == ""
+
+
+def test_isa_limits_are_recorded(monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS", raising=False)
+    info = bench.machine_info("cpu")
+    assert info["isa_limits"].get("ONEDNN_MAX_CPU_ISA") == "AVX2"
+    assert "MKL_ENABLE_INSTRUCTIONS" not in info["isa_limits"]
