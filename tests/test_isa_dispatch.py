@@ -1,6 +1,7 @@
 """The C++ loops are built once per ISA level (kdkernels._kernels_<isa>) and the
 process uses the one of torch's CPU capability: the parity script passes at
-ATEN_CPU_CAPABILITY=default and at this machine's best level, each in a fresh process."""
+ATEN_CPU_CAPABILITY=default and at this machine's best level, each in a fresh process,
+and (on an AVX-512 machine) with every ISA limit at AVX2, as on an AVX2-only CPU."""
 import os
 import subprocess
 import sys
@@ -49,6 +50,26 @@ def test_parity_at_capability(which):
                          timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert res.stdout.strip().splitlines()[-1].startswith(f"ok {level} ")
+
+
+def test_parity_as_on_an_avx2_machine():
+    """On an AVX-512 machine, every ISA limit at AVX2 (torch's and the kernels' level,
+    oneDNN's and MKL's GEMMs) is what a Zen 3 runs: the parity script passes there too,
+    and oneDNN's verbose log shows none of its AVX-512 kernels ran."""
+    if best_level() != "AVX512":
+        pytest.skip("not an AVX-512 machine: 'best' above is its AVX2 or DEFAULT run")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2",
+               ONEDNN_VERBOSE="1")
+    res = subprocess.run([sys.executable, SCRIPT, "--expect-isa", "AVX2"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    lines = res.stdout.strip().splitlines()
+    script_lines = [line for line in lines if not line.startswith("onednn_verbose")]
+    assert res.returncode == 0, "\n".join(script_lines)[-2000:] + res.stderr[-4000:]
+    assert script_lines[-1].startswith("ok AVX2 ")
+    executed = [line for line in lines if line.startswith("onednn_verbose") and ",exec," in line]
+    assert not [line for line in executed if "avx512" in line], "oneDNN ran AVX-512 kernels despite its cap"
+    if _cpu._C.gemm_engine() != "aten":  # oneDNN takes some of the script's GEMMs
+        assert any("avx2" in line for line in executed)
 
 
 def test_kernel_modules_export_only_their_init():
