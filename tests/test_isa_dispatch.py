@@ -40,16 +40,25 @@ def test_loaded_level_is_torchs():
     assert cap in _cpu.describe() and _cpu._C.gemm_engine() in _cpu.describe()
 
 
+def run_parity_script(level: str, **env) -> list:
+    """Runs the parity script in a fresh process at torch capability ``level`` (with
+    ``env`` added), asserts that it passed there, and returns oneDNN's verbose lines."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=level.lower(), **env)
+    res = subprocess.run([sys.executable, SCRIPT, "--expect-isa", level], env=env, capture_output=True, text=True,
+                         timeout=600)
+    lines = res.stdout.strip().splitlines()
+    script_lines = [line for line in lines if not line.startswith("onednn_verbose")]
+    assert res.returncode == 0, "\n".join(script_lines)[-2000:] + res.stderr[-4000:]
+    assert script_lines[-1].startswith(f"ok {level} ")
+    return [line for line in lines if line.startswith("onednn_verbose")]
+
+
 @pytest.mark.parametrize("which", ["default", "best"])
 def test_parity_at_capability(which):
     level = "DEFAULT" if which == "default" else best_level()
     if level not in _cpu.LEVELS:
         pytest.skip(f"torch runs at {level}, which uses the DEFAULT build")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=level.lower())
-    res = subprocess.run([sys.executable, SCRIPT, "--expect-isa", level], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    assert res.stdout.strip().splitlines()[-1].startswith(f"ok {level} ")
+    run_parity_script(level)
 
 
 def test_parity_as_on_an_avx2_machine():
@@ -58,15 +67,8 @@ def test_parity_as_on_an_avx2_machine():
     and oneDNN's verbose log shows none of its AVX-512 kernels ran."""
     if best_level() != "AVX512":
         pytest.skip("not an AVX-512 machine: 'best' above is its AVX2 or DEFAULT run")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2",
-               ONEDNN_VERBOSE="1")
-    res = subprocess.run([sys.executable, SCRIPT, "--expect-isa", "AVX2"], env=env, capture_output=True, text=True,
-                         timeout=600)
-    lines = res.stdout.strip().splitlines()
-    script_lines = [line for line in lines if not line.startswith("onednn_verbose")]
-    assert res.returncode == 0, "\n".join(script_lines)[-2000:] + res.stderr[-4000:]
-    assert script_lines[-1].startswith("ok AVX2 ")
-    executed = [line for line in lines if line.startswith("onednn_verbose") and ",exec," in line]
+    verbose = run_parity_script("AVX2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_VERBOSE="1")
+    executed = [line for line in verbose if ",exec," in line]
     assert not [line for line in executed if "avx512" in line], "oneDNN ran AVX-512 kernels despite its cap"
     if _cpu._C.gemm_engine() != "aten":  # oneDNN takes some of the script's GEMMs
         assert any("avx2" in line for line in executed)
