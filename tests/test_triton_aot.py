@@ -119,6 +119,20 @@ def test_float32_gemms_use_tf32x3_tensor_cores(aot_run):
             assert all(op.startswith("wgmma m64n") and op.endswith("tf32") for op in r["mma"].split(", ")), r
 
 
+def test_float32_highest_split_kernel(aot_run):
+    """lsh_fused_split_kernel (float32 under 'highest', 64 < D <= 256) is compiled for sm_90 only,
+    one row per FUSED_SPLIT_CONFIG entry, with TF32 and bf16 wgmmas (its hand split) and 0 spills."""
+    from kdkernels.triton import lsh
+
+    rows = [r for r in aot_run[2] if r["kernel"] == "lsh_fused_split_kernel"]
+    assert {r["target"] for r in rows} == {"sm_90"}
+    assert len(rows) == len([key for key in lsh.FUSED_SPLIT_CONFIG if key[0] == 90])
+    for r in rows:
+        ops = r["mma"].split(", ")
+        assert r["dtype"] == "fp32" and r["spill"] == 0 and all(op.startswith("wgmma m64n") for op in ops), r
+        assert {op.split()[2] for op in ops} == {"tf32", "bf16"}, r
+
+
 def test_problems_flags_spills_and_limits():
     from kdkernels.triton.aot import problems
 

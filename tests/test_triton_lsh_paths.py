@@ -1,7 +1,8 @@
 """The two LSH paths of the Triton backend under the interpreter: the fused
-single-pass kernel (small D, teacher features, student gradient wanted) with
-several hash-axis splits, and the two-GEMM path, each against the reference;
-and which path a call takes."""
+single-pass kernels (small D, teacher features, student gradient wanted; float32
+under 'highest' at 64 < D <= 256 with operands split by hand) with several
+hash-axis splits, and the two-GEMM path, each against the reference; and which
+path a call takes."""
 import pytest
 import torch
 
@@ -17,6 +18,7 @@ from test_lsh import make_case  # noqa: E402
 def path(request, monkeypatch):
     if request.param == "two-gemm":
         monkeypatch.setattr(lsh, "FUSED_CONFIG", {})
+        monkeypatch.setattr(lsh, "FUSED_SPLIT_CONFIG", {})
     else:
         monkeypatch.setattr(lsh, "fused_splits", lambda *args: 3)
     return request.param
@@ -66,14 +68,20 @@ def test_which_path():
         return _kernels(lambda: kdk.lsh_loss(f_s, None if codes else f_t, w, b, backend="triton", **kwargs))
 
     fused, two = ["lsh_fused_kernel", "lsh_grad_kernel"], ["lsh_proj_kernel", "lsh_grad_kernel"]
+    split = ["lsh_fused_split_kernel", "lsh_grad_kernel"]
     max_d = lsh.FUSED_CONFIG[(90, "fp32")][4]
+    split_max_d = max(bd for arch, bd in lsh.FUSED_SPLIT_CONFIG if arch == 90)
     assert run(torch.float32, max_d) == fused
-    assert run(torch.float32, max_d + 1) == two
+    assert run(torch.float32, max_d + 1) == split  # 'highest' beyond tf32x3's bound: split by hand
+    assert run(torch.float32, split_max_d) == split
+    assert run(torch.float32, split_max_d + 1) == two
     tf32_max_d = lsh.FUSED_CONFIG[(90, "fp32 tf32")][4]  # single-pass TF32 dots: wider D fuses
     assert tf32_max_d > max_d
     with traffic.matmul_precision("high"):
+        assert run(torch.float32, max_d + 1) == fused
         assert run(torch.float32, tf32_max_d) == fused
         assert run(torch.float32, tf32_max_d + 1) == two
+    assert run(torch.float16, max_d + 1) == fused
     assert run(torch.float32, 8, codes=True) == two
     assert run(torch.float32, 8, grad=False) == two
     assert run(torch.float64, 8) == two
@@ -92,3 +100,58 @@ def test_wide_d_fuses_under_tf32_precision():
     with traffic.matmul_precision("high"):
         launched = _kernels(lambda: check_parity(case, "triton", torch.float32, "random"))
     assert "lsh_fused_kernel" in launched, launched
+
+
+@pytest.mark.parametrize("shape,reduction,kw", [
+    ((70, 100, 130), "mean", dict(mask="float")),                # BLOCK_D 128, two row blocks, N tail
+    ((9, 200, 64), "sum", dict(layout="sliced")),                # BLOCK_D 256, D not a multiple of a chunk
+    ((66, 256, 40), "mean", dict(mse_weight=0.0, bias=False)),
+    ((5, 77, 24), "none", dict(mask="bool")),                    # 'none': the backward reruns the kernels
+])
+def test_split_kernel_parity(shape, reduction, kw, monkeypatch):
+    """float32 under 'highest' with 64 < D <= 256: lsh_fused_split_kernel (3 hash splits) against the reference."""
+    monkeypatch.setattr(lsh, "fused_splits", lambda *args: 3)
+    case = make_case(*shape, reduction, **kw)
+    launched = _kernels(lambda: check_parity(case, "triton", torch.float32, "random"))
+    assert "lsh_fused_split_kernel" in launched, launched
+
+
+def test_split_kernel_keeps_float32_accuracy():
+    """Against float64 math, the hand-split products stay within a few times a float32 GEMM's
+    error (TF32 alone, or a dropped low part, is ~2^-11 relative: hundreds of times more)."""
+    f_s, f_t, w, b = make_case(64, 256, 512).fresh_args(torch.float64)
+
+    def grad(dtype, backend):
+        x = f_s.detach().to(dtype).requires_grad_()
+        loss = kdk.lsh_loss(x, f_t.to(dtype), w.to(dtype), b.to(dtype), backend=backend)
+        return torch.autograd.grad(loss, x)[0].double(), loss.double()
+
+    exact_g, exact_l = grad(torch.float64, "reference")
+    eager_g, eager_l = grad(torch.float32, "reference")
+    launched = _kernels(lambda: grad(torch.float32, "triton"))
+    assert "lsh_fused_split_kernel" in launched, launched
+    split_g, split_l = grad(torch.float32, "triton")
+    scale = exact_g.abs().max()
+    eager_err, split_err = (eager_g - exact_g).abs().max() / scale, (split_g - exact_g).abs().max() / scale
+    assert split_err < 2e-6 and split_err < 8 * eager_err, (split_err, eager_err)
+    assert (split_l - exact_l).abs() / exact_l < 2e-6
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_split_kernel_non_finite_feature(bad):
+    """A NaN or infinite student feature (D = 100): the same NaN/inf pattern as the reference
+    (the split keeps inf whole: its low part is 0, not inf - inf)."""
+    f_s, f_t, w, b = make_case(6, 100, 70).fresh_args(torch.float32)
+
+    def run(backend):
+        x = f_s.detach().clone()
+        x[2, 3] = float(bad)
+        x.requires_grad_()
+        loss = kdk.lsh_loss(x, f_t.detach(), w, b, reduction="none", backend=backend)
+        return loss.detach(), torch.autograd.grad(loss.sum(), x)[0]
+
+    launched = _kernels(lambda: run("triton"))
+    assert "lsh_fused_split_kernel" in launched, launched
+    (loss, g), (ref_loss, ref_g) = run("triton"), run("reference")
+    torch.testing.assert_close(loss, ref_loss, equal_nan=True, rtol=2e-4, atol=2e-5)
+    torch.testing.assert_close(g, ref_g, equal_nan=True, rtol=2e-4, atol=2e-5)

@@ -25,9 +25,6 @@ OVER_TARGET = {
     ("nd", "fp32"): "target below the bound of any separate forward/backward (1.41); this design also reads one "
                     "class-mean row per sample (B rows, not K)",
     ("nd", "bf16"): "as fp32",
-    ("lsh", "fp32"): "matmul precision 'highest' (tf32x3 dots): two-GEMM path at D=256, f_s/f_t re-read per "
-                     "128-hash tile, G written and re-read; the fused kernel would need ~350 KiB of shared memory "
-                     "for the tf32x3 operand copies at D=256 (the 'high' row, single-pass TF32, fuses: 3.74x)",
 }
 # rows whose design reaches the bound (up to the per-program partial sums)
 AT_BOUND = {("ofd", "fp32"), ("ofd", "bf16")}

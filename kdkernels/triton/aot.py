@@ -201,6 +201,14 @@ def _jobs(dtypes, tgt) -> List[Job]:
                                     dict(lsh_ptrs, pd_ptr="c"),
                                     dict(HAS_BIAS=True, HAS_MSE=True, BLOCK_M=tm, BLOCK_N=tn, BLOCK_D=bd),
                                     warps(t_warps), stages(t_stages), prec="tf32"))
+        # float32 under 'highest' beyond max_d: the hand-split kernel (its dots are TF32 and bf16)
+        if dt == "fp32" and tgt.backend == "cuda":
+            for (split_arch, bd), (sm, sn, s_warps, s_stages) in sorted(lsh.FUSED_SPLIT_CONFIG.items()):
+                if split_arch == arch:
+                    jobs.append(Job("lsh", "lsh_fused_split_kernel", f"f_t loss+GW {sm}x{sn} BLOCK_D={bd} split", dt,
+                                    dict(lsh_ptrs, pd_ptr="c"), dict(HAS_BIAS=True, HAS_MSE=True, BLOCK_M=sm,
+                                                                     BLOCK_N=sn, BLOCK_D=bd),
+                                    warps(s_warps), stages(s_stages)))
         if block_ds:
             bm, bd, bk, n_warps, n_stages = lsh.REDUCE_CONFIG
             jobs.append(Job("lsh", "lsh_grad_kernel", f"sum of splits+mse+grads {bm}x{bd}", dt,

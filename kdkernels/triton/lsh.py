@@ -8,11 +8,15 @@ Math (shared/spec/losses.md, section 1), per row i:
 The fused-linear-loss pattern, chunk by chunk of rows (a chunk's scratch fits
 in L2; [B, N] is never allocated for a large batch), on one of two paths.
 
-Fused (teacher features, student gradient wanted, D within FUSED_CONFIG's bound):
+Fused (teacher features, student gradient wanted, D within FUSED_CONFIG's or
+FUSED_SPLIT_CONFIG's bound):
 - ``lsh_fused_kernel``: a row block's f_s and f_t stay on chip while W streams by
   in [BLOCK_N, D] tiles over the program's span of hashes; each tile feeds both
   projections, the epilogue and G W, so G is never stored and W is read once per
   row block. The hash axis is split over programs (``fused_splits``).
+- ``lsh_fused_split_kernel``: the same for float32 under matmul precision 'highest'
+  where tf32x3's copies of the row block would not fit on chip (64 < D <= 256 on
+  sm_90): operands split into TF32 and bfloat16 parts by hand (see its docstring).
 - ``lsh_grad_kernel`` (FUSED): sums the splits' partial G W in a fixed order, then
   the same epilogue as below.
 
@@ -65,6 +69,9 @@ GRAD_CONFIG = {(90, "half"): (64, 128, 64, 8, 3), (90, "fp32"): (128, 64, 16, 8,
 FUSED_CONFIG = {(90, "half"): (64, 32, 8, 3, 256), (80, "half"): (64, 32, 8, 2, 128),
                 (90, "fp32"): (64, 32, 8, 2, 64), (90, "fp32 tf32"): (64, 32, 8, 2, 256),
                 (80, "fp32"): (32, 32, 4, 2, 32)}
+# lsh_fused_split_kernel (float32 under 'highest' beyond FUSED_CONFIG's bound, sm_90 only): per
+# (arch family, BLOCK_D), (BLOCK_M, BLOCK_N, num_warps, num_stages); 0 spills (see aot.py).
+FUSED_SPLIT_CONFIG = {(90, 128): (64, 32, 8, 2), (90, 256): (64, 8, 8, 2)}
 REDUCE_CONFIG = (64, 32, 16, 4, 1)
 MAX_SPLITS = 8  # hash-axis splits of lsh_fused_kernel (bounds the partial-sum buffer)
 L2_CHUNK_BYTES = 16 << 20  # budget for a chunk's [chunk, N] G (H100: 50 MB of L2, A100: 40 MB)
@@ -91,14 +98,15 @@ def fused_key(kind: str, arch: int, prec: str):
     return key if key in FUSED_CONFIG else (arch, kind)
 
 
-def use_fused(kind: str, D: int, arch: int, prec: str) -> bool:
-    key = fused_key(kind, arch, prec)
-    return key in FUSED_CONFIG and fused_block_d(D) <= FUSED_CONFIG[key][4]
-
-
-def fused_config(kind: str, arch: int, prec: str):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of lsh_fused_kernel."""
-    return FUSED_CONFIG[fused_key(kind, arch, prec)][:4]
+def fused_plan(kind: str, D: int, arch: int, prec: str):
+    """(fused kernel, (BLOCK_M, BLOCK_N, num_warps, num_stages)) for these, or None where the
+    fused path does not fit (then the two GEMMs)."""
+    key, bd = fused_key(kind, arch, prec), fused_block_d(D)
+    if key in FUSED_CONFIG and bd <= FUSED_CONFIG[key][4]:
+        return lsh_fused_kernel, FUSED_CONFIG[key][:4]
+    if kind == "fp32" and prec == "tf32x3" and (arch, bd) in FUSED_SPLIT_CONFIG:
+        return lsh_fused_split_kernel, FUSED_SPLIT_CONFIG[(arch, bd)]
+    return None
 
 
 def fused_splits(M: int, N: int, block_m: int, block_n: int, elem: int, csize: int, device) -> int:
@@ -212,6 +220,33 @@ def lsh_proj_kernel(fs_ptr, ft_ptr, w_ptr, b_ptr, codes_ptr, rw_ptr, g_ptr, part
 
 
 @triton.jit
+def _stacked_rows(fs_ptr, ft_ptr, pid_m, M, stride_fs, stride_ft, BLOCK_M: tl.constexpr):
+    """Row pointers ([2 BLOCK_M]) of row block pid_m's f_s rows over its f_t rows, and which exist."""
+    l2 = tl.arange(0, 2 * BLOCK_M)
+    is_t = l2 >= BLOCK_M
+    r2 = l2 - tl.where(is_t, BLOCK_M, 0)
+    fs_rows = fs_ptr + pid_m * BLOCK_M * stride_fs + r2[:, None] * stride_fs  # 64-bit origin, 32-bit offsets
+    ft_rows = ft_ptr + pid_m * BLOCK_M * stride_ft + r2[:, None] * stride_ft
+    return tl.where(is_t[:, None], ft_rows, fs_rows), pid_m * BLOCK_M + r2 < M
+
+
+@triton.jit
+def _store_sse(fs_ptr, ft_ptr, sse_ptr, pid_m, M, D, stride_fs, stride_ft,
+               CDTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """sum_d (f_s - f_t)^2 of row block pid_m (D <= BLOCK_D), from loads of its own (f_s, f_t
+    once more) so that nothing of it stays live through the caller's loop."""
+    lr = tl.arange(0, BLOCK_M)
+    ld = tl.arange(0, BLOCK_D)
+    rows = pid_m * BLOCK_M + lr.to(tl.int64)
+    fm = (rows < M)[:, None] & (ld < D)[None, :]
+    fs_tile = fs_ptr + pid_m * BLOCK_M * stride_fs
+    ft_tile = ft_ptr + pid_m * BLOCK_M * stride_ft
+    fs = tl.load(fs_tile + lr[:, None] * stride_fs + ld[None, :], mask=fm, other=0).to(CDTYPE)
+    ft = tl.load(ft_tile + lr[:, None] * stride_ft + ld[None, :], mask=fm, other=0).to(CDTYPE)
+    tl.store(sse_ptr + rows, tl.sum((fs - ft) * (fs - ft), 1), mask=rows < M)
+
+
+@triton.jit
 def lsh_fused_kernel(fs_ptr, ft_ptr, w_ptr, b_ptr, pd_ptr, part_ptr, sse_ptr,
                      M, D, N, span, stride_fs, stride_ft, stride_w,
                      HAS_BIAS: tl.constexpr, HAS_MSE: tl.constexpr,
@@ -238,21 +273,13 @@ def lsh_fused_kernel(fs_ptr, ft_ptr, w_ptr, b_ptr, pd_ptr, part_ptr, sse_ptr,
     rows = pid_m * BLOCK_M + lr.to(tl.int64)
     r_ok = rows < M
     d_ok = ld < D
-    fs_tile = fs_ptr + pid_m * BLOCK_M * stride_fs
-    ft_tile = ft_ptr + pid_m * BLOCK_M * stride_ft
     # f_s rows over f_t rows, one [2 BLOCK_M, BLOCK_D] operand: on sm_90 each warpgroup then
     # holds the shared-memory descriptors of its own 64 rows only (two operands spill)
-    l2 = tl.arange(0, 2 * BLOCK_M)
-    is_t = l2 >= BLOCK_M
-    r2 = l2 - tl.where(is_t, BLOCK_M, 0)
-    f_ptrs = tl.where(is_t[:, None], ft_tile + r2[:, None] * stride_ft, fs_tile + r2[:, None] * stride_fs)
-    f2 = tl.load(f_ptrs + ld[None, :], mask=(pid_m * BLOCK_M + r2 < M)[:, None] & d_ok[None, :], other=0)
+    f_ptrs, f_ok = _stacked_rows(fs_ptr, ft_ptr, pid_m, M, stride_fs, stride_ft, BLOCK_M)
+    f2 = tl.load(f_ptrs + ld[None, :], mask=f_ok[:, None] & d_ok[None, :], other=0)
     if HAS_MSE:
-        if pid_s == 0:  # loads of its own (f_s, f_t once more), so that nothing of this stays live
-            fm = r_ok[:, None] & d_ok[None, :]
-            fs = tl.load(fs_tile + lr[:, None] * stride_fs + ld[None, :], mask=fm, other=0).to(CDTYPE)
-            ft = tl.load(ft_tile + lr[:, None] * stride_ft + ld[None, :], mask=fm, other=0).to(CDTYPE)
-            tl.store(sse_ptr + rows, tl.sum((fs - ft) * (fs - ft), 1), mask=r_ok)
+        if pid_s == 0:
+            _store_sse(fs_ptr, ft_ptr, sse_ptr, pid_m, M, D, stride_fs, stride_ft, CDTYPE, BLOCK_M, BLOCK_D)
     acc = tl.zeros([BLOCK_M, BLOCK_D], CDTYPE)
     bce_rows = tl.zeros([BLOCK_M], CDTYPE)
     n_lo = (pid_s * span).to(tl.int32)  # < N: a 32-bit loop; the W tile pointer advances a tile a step
@@ -270,6 +297,106 @@ def lsh_fused_kernel(fs_ptr, ft_ptr, w_ptr, b_ptr, pd_ptr, part_ptr, sse_ptr,
         acc = mma(g.to(w.dtype), w, acc, DOT_PREC, INTERP)
     tl.store(part_ptr + pid_s * M + rows, bce_rows, mask=r_ok)
     tl.store(pd_ptr + ((pid_s * tl.num_programs(1) + pid_m) * BLOCK_M + lr[:, None]) * BLOCK_D + ld[None, :], acc)
+
+
+@triton.jit
+def _tf32_split(x):
+    """x = hi + lo with hi exact in TF32 (x's 10 leading mantissa bits), lo = 0 where hi == x (inf)."""
+    hi = (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return hi, tl.where(hi == x, 0.0, x - hi)
+
+
+@triton.jit
+def _dot_split_a(a_hi, a_lo, b, acc, INTERP: tl.constexpr):
+    """acc + (a_hi + a_lo) @ b, a_hi TF32-exact, a_lo bfloat16: a_hi b_hi + a_hi b_lo in TF32 and
+    a_lo b in bfloat16 (a_lo is at most 2^-10 of a, so its 8 bits add ~2^-19 relative error)."""
+    b_hi, b_lo = _tf32_split(b)
+    acc = mma(a_lo, b.to(tl.bfloat16), acc, "tf32", INTERP)
+    acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
+    return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+
+
+@triton.jit
+def _dot_x3(a, b, acc):
+    """acc + a @ b from three TF32 products (tf32x3 with the operands split here)."""
+    a_hi, a_lo = _tf32_split(a)
+    b_hi, b_lo = _tf32_split(b)
+    acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32")
+    acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
+    return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+
+
+@triton.jit
+def lsh_fused_split_kernel(fs_ptr, ft_ptr, w_ptr, b_ptr, pd_ptr, part_ptr, sse_ptr,
+                           M, D, N, span, stride_fs, stride_ft, stride_w,
+                           HAS_BIAS: tl.constexpr, HAS_MSE: tl.constexpr, CDTYPE: tl.constexpr,
+                           INTERP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
+    """lsh_fused_kernel for float32 under matmul precision 'highest' (same arguments and outputs,
+    D <= BLOCK_D, BLOCK_D >= 64), with operands split by hand.
+
+    tf32x3 would hold the row block's f_s, f_t three times over (~350 KiB at D = 256); here
+    they are split once, before the loop, into a TF32 part (float32) and a bfloat16 remainder
+    (6 bytes an element: 192 KiB at BLOCK_M = 64, D = 256), each W tile is split as it comes,
+    and every product is one of a_hi b_hi, a_hi b_lo (TF32) and a_lo b (bfloat16): 3-4x eager
+    float32's error against float64 (README, Deviations), where single-pass TF32 is ~1000x.
+    G W is plain tf32x3 (G is in registers). The row block is held in four column chunks of
+    BLOCK_D / 4: whole, ptxas spills at D = 256.
+    """
+    KC: tl.constexpr = BLOCK_D // 4
+    pid_s = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1).to(tl.int64)
+    lr = tl.arange(0, BLOCK_M)
+    lc = tl.arange(0, BLOCK_N)
+    lk = tl.arange(0, KC)
+    rows = pid_m * BLOCK_M + lr.to(tl.int64)
+    r_ok = rows < M
+    f_ptrs, f_ok = _stacked_rows(fs_ptr, ft_ptr, pid_m, M, stride_fs, stride_ft, BLOCK_M)
+    f_ok = f_ok[:, None]
+    f0_hi, f0_lo = _tf32_split(tl.load(f_ptrs + lk[None, :], mask=f_ok & (lk < D)[None, :], other=0))
+    f1_hi, f1_lo = _tf32_split(tl.load(f_ptrs + KC + lk[None, :], mask=f_ok & (KC + lk < D)[None, :], other=0))
+    f2_hi, f2_lo = _tf32_split(tl.load(f_ptrs + 2 * KC + lk[None, :], mask=f_ok & (2 * KC + lk < D)[None, :],
+                                       other=0))
+    f3_hi, f3_lo = _tf32_split(tl.load(f_ptrs + 3 * KC + lk[None, :], mask=f_ok & (3 * KC + lk < D)[None, :],
+                                       other=0))
+    f0_lo, f1_lo, f2_lo, f3_lo = f0_lo.to(tl.bfloat16), f1_lo.to(tl.bfloat16), f2_lo.to(tl.bfloat16), \
+        f3_lo.to(tl.bfloat16)
+    if HAS_MSE:
+        if pid_s == 0:
+            _store_sse(fs_ptr, ft_ptr, sse_ptr, pid_m, M, D, stride_fs, stride_ft, CDTYPE, BLOCK_M, BLOCK_D)
+    acc0 = tl.zeros([BLOCK_M, KC], CDTYPE)
+    acc1 = tl.zeros([BLOCK_M, KC], CDTYPE)
+    acc2 = tl.zeros([BLOCK_M, KC], CDTYPE)
+    acc3 = tl.zeros([BLOCK_M, KC], CDTYPE)
+    bce_rows = tl.zeros([BLOCK_M], CDTYPE)
+    n_lo = (pid_s * span).to(tl.int32)
+    w_tile = w_ptr + pid_s * span * stride_w
+    w_offs = lc[:, None] * stride_w + lk[None, :]
+    for n0 in range(0, tl.minimum(N - n_lo, span), BLOCK_N):
+        cols = n_lo + n0 + lc
+        c_ok = cols < N
+        w0 = tl.load(w_tile + w_offs, mask=c_ok[:, None] & (lk < D)[None, :], other=0)
+        w1 = tl.load(w_tile + KC + w_offs, mask=c_ok[:, None] & (KC + lk < D)[None, :], other=0)
+        w2 = tl.load(w_tile + 2 * KC + w_offs, mask=c_ok[:, None] & (2 * KC + lk < D)[None, :], other=0)
+        w3 = tl.load(w_tile + 3 * KC + w_offs, mask=c_ok[:, None] & (3 * KC + lk < D)[None, :], other=0)
+        w_tile += BLOCK_N * stride_w
+        h = _dot_split_a(f0_hi, f0_lo, tl.trans(w0), tl.zeros([2 * BLOCK_M, BLOCK_N], CDTYPE), INTERP)
+        h = _dot_split_a(f1_hi, f1_lo, tl.trans(w1), h, INTERP)
+        h = _dot_split_a(f2_hi, f2_lo, tl.trans(w2), h, INTERP)
+        h = _dot_split_a(f3_hi, f3_lo, tl.trans(w3), h, INTERP)
+        h_s, h_t = tl.split(tl.permute(tl.reshape(h, [2, BLOCK_M, BLOCK_N]), [1, 2, 0]))
+        bce, g = _bce_epilogue(h_s, h_t, b_ptr, b_ptr, 0, lr, lc, cols, r_ok, c_ok, HAS_BIAS, False, CDTYPE)
+        bce_rows += bce
+        acc0 = _dot_x3(g, w0, acc0)
+        acc1 = _dot_x3(g, w1, acc1)
+        acc2 = _dot_x3(g, w2, acc2)
+        acc3 = _dot_x3(g, w3, acc3)
+    tl.store(part_ptr + pid_s * M + rows, bce_rows, mask=r_ok)
+    pd = pd_ptr + ((pid_s * tl.num_programs(1) + pid_m) * BLOCK_M + lr[:, None]) * BLOCK_D + lk[None, :]
+    tl.store(pd, acc0)
+    tl.store(pd + KC, acc1)
+    tl.store(pd + 2 * KC, acc2)
+    tl.store(pd + 3 * KC, acc3)
 
 
 @triton.jit
@@ -381,9 +508,10 @@ def lsh_forward(f_s, f_t, weight, bias, teacher_codes, mse_weight, row_weight, n
     arch = _utils.arch(dev)
     elem, csize = f_s.element_size(), row_weight.element_size()
     prec = dot_precision(f_s.dtype, dev)
-    fused = need_gs and not use_codes and use_fused(kind, D, arch, prec)
+    plan = fused_plan(kind, D, arch, prec) if need_gs and not use_codes else None
+    fused = plan is not None
     if fused:
-        pm, pn, p_warps, p_stages = fused_config(kind, arch, prec)
+        fused_kernel, (pm, pn, p_warps, p_stages) = plan
         gm, gd, gk, g_warps, g_stages = REDUCE_CONFIG
         chunk = chunk_rows(B, MAX_SPLITS * D, csize, max(pm, gm), min(pm, gm))
         n_parts = fused_splits(chunk, N, pm, pn, elem, csize, dev)
@@ -416,10 +544,11 @@ def lsh_forward(f_s, f_t, weight, bias, teacher_codes, mse_weight, row_weight, n
             splits = min(n_parts, fused_splits(M, N, pm, pn, elem, csize, dev))
             span = cdiv(cdiv(N, pn), splits) * pn
             splits = cdiv(N, span)
-            lsh_fused_kernel[(splits, cdiv(M, pm))](
+            prec_arg = dict(DOT_PREC=prec) if fused_kernel is lsh_fused_kernel else {}
+            fused_kernel[(splits, cdiv(M, pm))](
                 fs_c, ft_c, w, b, g_arg, part, sse_arg, M, D, N, span, fs.stride(0), ft.stride(0), w.stride(0),
-                HAS_BIAS=bias is not None, HAS_MSE=has_mse,
-                BLOCK_M=pm, BLOCK_N=pn, BLOCK_D=bd, num_warps=p_warps, num_stages=p_stages, **common)
+                HAS_BIAS=bias is not None, HAS_MSE=has_mse, CDTYPE=common["CDTYPE"], INTERP=common["INTERP"],
+                BLOCK_M=pm, BLOCK_N=pn, BLOCK_D=bd, num_warps=p_warps, num_stages=p_stages, **prec_arg)
             pd_strides = (cdiv(M, pm) * pm * bd, bd)
         else:
             splits, pd_strides = n_parts, (0, 0)
