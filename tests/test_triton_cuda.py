@@ -63,6 +63,28 @@ def test_parity_vs_float64_reference(loss, dtype):
     torch.testing.assert_close(g.double(), ref_g, rtol=rtol, atol=atol * max(1.0, float(ref_g.abs().max())))
 
 
+@pytest.mark.parametrize("dim", [64, 96, 256, 300])
+def test_lsh_float32_paths_under_highest(dim):
+    """float32 under 'highest' on each LSH path (tf32x3 fused D <= 64, hand-split fused 64 < D <= 256,
+    two GEMMs beyond), against the float64 reference with float32 tolerances."""
+    r = lambda *shape, seed: torch.randn(*shape, generator=_g(seed)).to(DEV)  # noqa: E731
+    s, t, w = r(130, dim, seed=0), r(130, dim, seed=1), r(700, dim, seed=2) / dim ** 0.5
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        x = s.clone().requires_grad_()
+        out = kdk.lsh_loss(x, t, w, backend="triton")
+        (g,) = torch.autograd.grad(out * 2, x)
+    finally:
+        torch.set_float32_matmul_precision(prev)
+    ref_x = s.double().requires_grad_()
+    ref = kdk.lsh_loss(ref_x, t.double(), w.double(), backend="reference")
+    (ref_g,) = torch.autograd.grad(ref * 2, ref_x)
+    rtol, atol = TOL[torch.float32]
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(g.double(), ref_g, rtol=rtol, atol=atol * max(1.0, float(ref_g.abs().max())))
+
+
 def _tiny(loss):
     """(fn(x), x float64 leaf) small enough for a numerical Jacobian."""
     g = _g(5)
