@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kdkernels as kdk
+from kdkernels.triton import traffic
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
@@ -55,6 +56,11 @@ def test_parity_vs_float64_reference(loss, dtype):
     x = s.to(dtype).requires_grad_()
     out = fn(x, "triton")
     (g,) = torch.autograd.grad(out * 2, x)
+    _assert_matches_float64(fn, x, out, g, dtype)
+
+
+def _assert_matches_float64(fn, x, out, g, dtype):
+    """out = fn(x, 'triton') and g its gradient for upstream 2 match the float64 reference within TOL[dtype]."""
     ref_x = x.detach().double().requires_grad_()
     ref = fn(ref_x, "reference")
     (ref_g,) = torch.autograd.grad(ref * 2, ref_x)
@@ -69,20 +75,12 @@ def test_lsh_float32_paths_under_highest(dim):
     two GEMMs beyond), against the float64 reference with float32 tolerances."""
     r = lambda *shape, seed: torch.randn(*shape, generator=_g(seed)).to(DEV)  # noqa: E731
     s, t, w = r(130, dim, seed=0), r(130, dim, seed=1), r(700, dim, seed=2) / dim ** 0.5
-    prev = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        x = s.clone().requires_grad_()
-        out = kdk.lsh_loss(x, t, w, backend="triton")
+    fn = lambda x, b: kdk.lsh_loss(x, t.to(x.dtype), w.to(x.dtype), backend=b)  # noqa: E731
+    x = s.clone().requires_grad_()
+    with traffic.matmul_precision("highest"):
+        out = fn(x, "triton")
         (g,) = torch.autograd.grad(out * 2, x)
-    finally:
-        torch.set_float32_matmul_precision(prev)
-    ref_x = s.double().requires_grad_()
-    ref = kdk.lsh_loss(ref_x, t.double(), w.double(), backend="reference")
-    (ref_g,) = torch.autograd.grad(ref * 2, ref_x)
-    rtol, atol = TOL[torch.float32]
-    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
-    torch.testing.assert_close(g.double(), ref_g, rtol=rtol, atol=atol * max(1.0, float(ref_g.abs().max())))
+    _assert_matches_float64(fn, x, out, g, torch.float32)
 
 
 def _tiny(loss):

@@ -327,6 +327,13 @@ def _dot_x3(a, b, acc):
 
 
 @triton.jit
+def _load_chunk(row_ptrs, row_ok, c: tl.constexpr, D, KC: tl.constexpr):
+    """Columns [c KC, (c + 1) KC) of the rows at row_ptrs ([R, 1] pointers, row_ok [R, 1]); 0 past D."""
+    cols = c * KC + tl.arange(0, KC)
+    return tl.load(row_ptrs + cols[None, :], mask=row_ok & (cols < D)[None, :], other=0)
+
+
+@triton.jit
 def lsh_fused_split_kernel(fs_ptr, ft_ptr, w_ptr, b_ptr, pd_ptr, part_ptr, sse_ptr,
                            M, D, N, span, stride_fs, stride_ft, stride_w,
                            HAS_BIAS: tl.constexpr, HAS_MSE: tl.constexpr, CDTYPE: tl.constexpr,
@@ -353,12 +360,10 @@ def lsh_fused_split_kernel(fs_ptr, ft_ptr, w_ptr, b_ptr, pd_ptr, part_ptr, sse_p
     r_ok = rows < M
     f_ptrs, f_ok = _stacked_rows(fs_ptr, ft_ptr, pid_m, M, stride_fs, stride_ft, BLOCK_M)
     f_ok = f_ok[:, None]
-    f0_hi, f0_lo = _tf32_split(tl.load(f_ptrs + lk[None, :], mask=f_ok & (lk < D)[None, :], other=0))
-    f1_hi, f1_lo = _tf32_split(tl.load(f_ptrs + KC + lk[None, :], mask=f_ok & (KC + lk < D)[None, :], other=0))
-    f2_hi, f2_lo = _tf32_split(tl.load(f_ptrs + 2 * KC + lk[None, :], mask=f_ok & (2 * KC + lk < D)[None, :],
-                                       other=0))
-    f3_hi, f3_lo = _tf32_split(tl.load(f_ptrs + 3 * KC + lk[None, :], mask=f_ok & (3 * KC + lk < D)[None, :],
-                                       other=0))
+    f0_hi, f0_lo = _tf32_split(_load_chunk(f_ptrs, f_ok, 0, D, KC))
+    f1_hi, f1_lo = _tf32_split(_load_chunk(f_ptrs, f_ok, 1, D, KC))
+    f2_hi, f2_lo = _tf32_split(_load_chunk(f_ptrs, f_ok, 2, D, KC))
+    f3_hi, f3_lo = _tf32_split(_load_chunk(f_ptrs, f_ok, 3, D, KC))
     f0_lo, f1_lo, f2_lo, f3_lo = f0_lo.to(tl.bfloat16), f1_lo.to(tl.bfloat16), f2_lo.to(tl.bfloat16), \
         f3_lo.to(tl.bfloat16)
     if HAS_MSE:
@@ -371,22 +376,24 @@ def lsh_fused_split_kernel(fs_ptr, ft_ptr, w_ptr, b_ptr, pd_ptr, part_ptr, sse_p
     bce_rows = tl.zeros([BLOCK_M], CDTYPE)
     n_lo = (pid_s * span).to(tl.int32)
     w_tile = w_ptr + pid_s * span * stride_w
-    w_offs = lc[:, None] * stride_w + lk[None, :]
+    w_rows = lc[:, None] * stride_w
     for n0 in range(0, tl.minimum(N - n_lo, span), BLOCK_N):
         cols = n_lo + n0 + lc
-        c_ok = cols < N
-        w0 = tl.load(w_tile + w_offs, mask=c_ok[:, None] & (lk < D)[None, :], other=0)
-        w1 = tl.load(w_tile + KC + w_offs, mask=c_ok[:, None] & (KC + lk < D)[None, :], other=0)
-        w2 = tl.load(w_tile + 2 * KC + w_offs, mask=c_ok[:, None] & (2 * KC + lk < D)[None, :], other=0)
-        w3 = tl.load(w_tile + 3 * KC + w_offs, mask=c_ok[:, None] & (3 * KC + lk < D)[None, :], other=0)
+        c_ok = (cols < N)[:, None]
+        w0 = _load_chunk(w_tile + w_rows, c_ok, 0, D, KC)
+        w1 = _load_chunk(w_tile + w_rows, c_ok, 1, D, KC)
+        w2 = _load_chunk(w_tile + w_rows, c_ok, 2, D, KC)
+        w3 = _load_chunk(w_tile + w_rows, c_ok, 3, D, KC)
         w_tile += BLOCK_N * stride_w
         h = _dot_split_a(f0_hi, f0_lo, tl.trans(w0), tl.zeros([2 * BLOCK_M, BLOCK_N], CDTYPE), INTERP)
         h = _dot_split_a(f1_hi, f1_lo, tl.trans(w1), h, INTERP)
         h = _dot_split_a(f2_hi, f2_lo, tl.trans(w2), h, INTERP)
         h = _dot_split_a(f3_hi, f3_lo, tl.trans(w3), h, INTERP)
         h_s, h_t = tl.split(tl.permute(tl.reshape(h, [2, BLOCK_M, BLOCK_N]), [1, 2, 0]))
-        bce, g = _bce_epilogue(h_s, h_t, b_ptr, b_ptr, 0, lr, lc, cols, r_ok, c_ok, HAS_BIAS, False, CDTYPE)
+        bce, g = _bce_epilogue(h_s, h_t, b_ptr, b_ptr, 0, lr, lc, cols, r_ok, cols < N, HAS_BIAS, False, CDTYPE)
         bce_rows += bce
+        # W's split is redone here rather than shared with the projection's (transposed) one:
+        # sharing made the compiler keep both layouts in shared memory (241 KiB at D = 256)
         acc0 = _dot_x3(g, w0, acc0)
         acc1 = _dot_x3(g, w1, acc1)
         acc2 = _dot_x3(g, w2, acc2)
